@@ -1,0 +1,1 @@
+"""Backup-storage agent: stores images in a directory and reports to the image service."""

@@ -1,0 +1,116 @@
+"""The agent's directory: where images, partial downloads, the journal and the identity live.
+
+ROOT/templates/<imageUuid>/<name>.template   stored images (the seed's layout)
+ROOT/.agent/identity.json                    this backup storage's uuid, kept across restarts
+ROOT/.agent/ops/<opId>.json                  the journal of operations (see journal.py)
+ROOT/.agent/partial/<opId>                   downloads in progress, never under templates/
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class PathRejected(ValueError):
+    """An install path outside this agent's templates directory."""
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write-then-rename with fsync, so a crash leaves the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    total: int
+    available: int
+
+
+@dataclass(frozen=True, slots=True)
+class Layout:
+    root: Path
+
+    @property
+    def templates(self) -> Path:
+        return self.root / "templates"
+
+    @property
+    def state(self) -> Path:
+        return self.root / ".agent"
+
+    @property
+    def ops(self) -> Path:
+        return self.state / "ops"
+
+    @property
+    def partial(self) -> Path:
+        return self.state / "partial"
+
+    def prepare(self) -> None:
+        for directory in (self.templates, self.ops, self.partial):
+            directory.mkdir(parents=True, exist_ok=True)
+
+    def identity(self) -> str:
+        """This backup storage's uuid: created on first start, then read back."""
+        path = self.state / "identity.json"
+        if path.exists():
+            value = json.loads(path.read_text())["uuid"]
+            return str(value)
+        new = uuid.uuid4().hex
+        write_atomically(path, json.dumps({"uuid": new}).encode())
+        return new
+
+    def partial_path(self, op_id: str) -> Path:
+        return self.partial / str(uuid.UUID(op_id))
+
+    def resolve_install_path(self, install_path: str) -> Path:
+        """The stored file an install path names, only if it lies inside templates/."""
+        path = Path(os.path.normpath(install_path))
+        if not path.is_absolute():
+            path = Path(os.path.normpath(self.root / install_path))
+        templates = Path(os.path.normpath(self.templates.resolve()))
+        try:
+            relative = Path(os.path.normpath(path.parent.resolve() / path.name)).relative_to(
+                templates
+            )
+        except ValueError:
+            raise PathRejected(f"{install_path} is outside {templates}") from None
+        if len(relative.parts) < 2 or any(part in ("", ".", "..") for part in relative.parts):
+            raise PathRejected(f"{install_path} is not a template path")
+        return templates / relative
+
+    def used_bytes(self) -> int:
+        total = 0
+        for directory, _dirs, files in os.walk(self.templates):
+            for name in files:
+                try:
+                    total += os.stat(os.path.join(directory, name)).st_blocks * 512
+                except OSError:
+                    continue
+        return total
+
+    def capacity(self, quota: int | None) -> Capacity:
+        usage = shutil.disk_usage(self.root)
+        if quota is None:
+            return Capacity(total=usage.total, available=usage.free)
+        used = self.used_bytes()
+        return Capacity(total=quota, available=max(0, min(usage.free, quota - used)))

@@ -1,0 +1,128 @@
+"""Streaming an image from its source to disk, hashing it on the way.
+
+Bytes are gathered into chunks of at least 1 MiB; each chunk is hashed and written in a
+worker thread (hashlib and file writes release the GIL) while the event loop reads the next
+one, so memory stays at a few chunks whatever the image size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from backup_agent.fetchers import FetchSettings, OpFailure, opener_for, redact
+
+MIN_CHUNK = 1 << 20
+PROGRESS_EVERY = 1.0
+
+Progress = Callable[[int, int | None], Awaitable[None]]
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    size: int
+    md5: str
+
+
+class HashingWriter:
+    def __init__(self, path: Path) -> None:
+        self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self._md5 = hashlib.md5(usedforsecurity=False)
+        self._buffer = bytearray()
+        self._pending: asyncio.Future[None] | None = None
+        self.size = 0
+
+    def _consume(self, chunk: bytearray) -> None:
+        self._md5.update(chunk)
+        self._file.write(chunk)
+
+    async def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            await pending
+
+    async def write(self, data: bytes) -> None:
+        self._buffer += data
+        self.size += len(data)
+        if len(self._buffer) >= MIN_CHUNK:
+            await self._hand_off()
+
+    async def _hand_off(self) -> None:
+        chunk, self._buffer = self._buffer, bytearray()
+        await self._wait()
+        loop = asyncio.get_running_loop()
+        self._pending = loop.run_in_executor(None, self._consume, chunk)
+
+    async def finish(self) -> Received:
+        if self._buffer:
+            await self._hand_off()
+        await self._wait()
+        await asyncio.to_thread(self._sync_close)
+        return Received(self.size, self._md5.hexdigest())
+
+    def _sync_close(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+
+    async def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._wait()
+        self._file.close()
+
+
+async def receive(
+    url: str,
+    destination: Path,
+    settings: FetchSettings,
+    *,
+    available: int,
+    progress: Progress,
+) -> Received:
+    """Download `url` into `destination`; on any failure the partial file is removed."""
+    opener = opener_for(url)
+    writer = HashingWriter(destination)
+    try:
+        async with opener(url, settings) as source:
+            if source.total is not None and source.total > available:
+                raise OpFailure(
+                    "CAPACITY_EXCEEDED",
+                    f"the image has {source.total} bytes; {available} are available",
+                )
+            await progress(0, source.total)
+            last_report = time.monotonic()
+            async for data in source.chunks:
+                await writer.write(data)
+                if writer.size > available:
+                    raise OpFailure(
+                        "CAPACITY_EXCEEDED", f"more than the {available} bytes available"
+                    )
+                now = time.monotonic()
+                if now - last_report >= PROGRESS_EVERY:
+                    last_report = now
+                    await progress(writer.size, source.total)
+            if source.total is not None and writer.size != source.total:
+                raise OpFailure(
+                    "DOWNLOAD_FAILED",
+                    f"{redact(url)}: got {writer.size} of {source.total} bytes",
+                )
+        received = await writer.finish()
+        await progress(received.size, source.total)
+        return received
+    except OSError as exc:
+        await writer.abort()
+        destination.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OpFailure("CAPACITY_EXCEEDED", f"disk full: {exc.strerror}") from None
+        raise OpFailure("DOWNLOAD_FAILED", f"{type(exc).__name__}: {exc}") from None
+    except BaseException:
+        await writer.abort()
+        destination.unlink(missing_ok=True)
+        raise

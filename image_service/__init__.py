@@ -1,0 +1,1 @@
+"""VM image service: image lifecycle over RabbitMQ and PostgreSQL."""

@@ -1,0 +1,376 @@
+"""API handlers: validated parameters in, a reply (or "wait for the agents") out.
+
+A handler runs inside the message's transaction (`Ctx`), raises `ApiError` for every failure
+a caller may see, and never touches the broker: what it wants published goes to the outbox.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from image_service import models
+from image_service.errors import ApiError, ErrorCode
+from image_service.lifecycle import (
+    Status,
+    backup_storage_inventory,
+    user_tag_inventory,
+)
+from image_service.operations import (
+    Ctx,
+    cancel_ops,
+    emit_deleted,
+    emit_status,
+    image_inventories,
+    image_inventory_of,
+    schedule_delete,
+    settle_message,
+)
+from image_service.query import BACKUP_STORAGE, IMAGE, USER_TAG, Entity, compile_query
+
+
+class AwaitOps:
+    """Returned by a handler whose reply comes when its agent operations have finished."""
+
+
+AWAIT_OPS = AwaitOps()
+Outcome = dict[str, Any] | AwaitOps
+
+
+def _not_found(kind: str, uuid_: str) -> ApiError:
+    return ApiError(ErrorCode.RESOURCE_NOT_FOUND, f"{kind} {uuid_} does not exist")
+
+
+def install_path(bs_url: str, image_uuid: str, name: str) -> str:
+    """Where an image lives on a backup storage: `<root>/templates/<imageUuid>/<name>.template`
+    (the seed's layout). `name` was validated to hold no path separator."""
+    return f"{bs_url.rstrip('/')}/templates/{image_uuid}/{name}.template"
+
+
+def unusable_reason(bs: Any) -> tuple[ErrorCode, str] | None:
+    """Why a backup storage cannot take a new image, or None when it can."""
+    if bs["state"] != "Enabled":
+        return ErrorCode.INVALID_STATE, f"backup storage {bs['uuid']} is Disabled"
+    if bs["status"] != "Connected":
+        return ErrorCode.INVALID_STATE, f"backup storage {bs['uuid']} is {bs['status']}"
+    if bs["available_capacity"] <= 0:
+        return ErrorCode.CAPACITY_EXCEEDED, f"backup storage {bs['uuid']} has no available capacity"
+    return None
+
+
+async def add_image(ctx: Ctx, p: models.AddImage) -> Outcome:
+    rows = await ctx.tx.fetch("bs_get_many", p.backupStorageUuids)
+    found = {row["uuid"]: row for row in rows}
+    for bs_uuid in p.backupStorageUuids:
+        if bs_uuid not in found:
+            raise _not_found("backup storage", bs_uuid)
+    usable: list[Any] = []
+    skipped: list[tuple[str, ErrorCode, str]] = []
+    for bs_uuid in p.backupStorageUuids:
+        reason = unusable_reason(found[bs_uuid])
+        if reason is None:
+            usable.append(found[bs_uuid])
+        else:
+            skipped.append((bs_uuid, *reason))
+    if not usable:
+        raise ApiError(
+            ErrorCode.NO_BACKUP_STORAGE,
+            "none of the backup storages can take the image",
+            [{"backupStorageUuid": u, "code": c.value, "details": d} for u, c, d in skipped],
+        )
+    image_uuid = p.resourceUuid or uuid.uuid4().hex
+    inserted = await ctx.tx.fetchrow(
+        "image_insert",
+        image_uuid,
+        p.name,
+        p.description,
+        Status.Downloading.value,
+        p.url,
+        p.mediaType.value,
+        p.guestOsType,
+        p.platform.value,
+        p.system,
+        p.effective_format.value,
+        p.md5Sum,
+        p.type,
+    )
+    if inserted is None:
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, f"resourceUuid: {image_uuid} already exists")
+    await ctx.tx.execute("inbox_set_image", ctx.message_id, image_uuid)
+    for bs_uuid, code, details in skipped:
+        await ctx.tx.execute(
+            "op_insert_failed",
+            uuid.uuid4(),
+            "download",
+            ctx.message_id,
+            image_uuid,
+            bs_uuid,
+            code.value,
+            details,
+        )
+    for bs in usable:
+        path = install_path(bs["url"], image_uuid, p.name)
+        await ctx.tx.execute("ref_insert", image_uuid, bs["uuid"], path, Status.Downloading.value)
+        op_id = str(uuid.uuid4())
+        command = {
+            "command": "download",
+            "opId": op_id,
+            "imageUuid": image_uuid,
+            "backupStorageUuid": bs["uuid"],
+            "url": p.url,
+            "format": p.effective_format.value,
+            "installPath": path,
+            "md5Sum": p.md5Sum,
+        }
+        await ctx.tx.execute(
+            "op_insert",
+            uuid.UUID(op_id),
+            "download",
+            ctx.message_id,
+            image_uuid,
+            bs["uuid"],
+            command,
+        )
+        await ctx.outbox.command(bs["uuid"], command)
+    inventory = await image_inventory_of(ctx.tx, image_uuid)
+    await emit_status(ctx, image_uuid, None, Status.Downloading, inventory)
+    return AWAIT_OPS
+
+
+async def delete_image(ctx: Ctx, p: models.DeleteImage) -> Outcome:
+    image = await ctx.tx.fetchrow("image_lock", p.uuid)
+    if image is None:
+        return {}  # deletion is idempotent
+    await ctx.tx.execute("inbox_set_image", ctx.message_id, p.uuid)
+    refs = await ctx.tx.fetch("refs_of_image", p.uuid)
+    wanted = set(p.backupStorageUuids) if p.backupStorageUuids is not None else None
+    targets = [r for r in refs if wanted is None or r["backup_storage_uuid"] in wanted]
+    pending = await ctx.tx.fetch("ops_pending_of_image", p.uuid)
+    pending_on_targets = [
+        op
+        for op in pending
+        if op["kind"] != "delete" and (wanted is None or op["backup_storage_uuid"] in wanted)
+    ]
+    if p.deleteMode is models.DeleteMode.Permissive:
+        if pending_on_targets or image["status"] != Status.Ready:
+            raise ApiError(
+                ErrorCode.INVALID_STATE,
+                f"image {p.uuid} is still {image['status']}; use deleteMode=Enforcing to cancel",
+            )
+        for ref in targets:
+            if ref["bs_status"] != "Connected":
+                raise ApiError(
+                    ErrorCode.INVALID_STATE,
+                    f"backup storage {ref['backup_storage_uuid']} is {ref['bs_status']}; "
+                    "use deleteMode=Enforcing",
+                )
+    cancelled_messages = await cancel_ops(
+        ctx,
+        pending_on_targets,
+        ErrorCode.DOWNLOAD_FAILED,
+        f"cancelled by DeleteImage (message {ctx.message_id})",
+    )
+    cancelled_bs = {op["backup_storage_uuid"] for op in pending_on_targets}
+    for ref in targets:
+        if ref["backup_storage_uuid"] in cancelled_bs:
+            continue  # cancel_ops already removed the ref and scheduled its file's removal
+        await ctx.tx.fetchrow("ref_delete", p.uuid, ref["backup_storage_uuid"])
+        waits = ref["bs_status"] == "Connected"
+        await schedule_delete(
+            ctx,
+            p.uuid,
+            ref["backup_storage_uuid"],
+            ref["install_path"],
+            message_id=ctx.message_id if waits else None,
+        )
+    remaining = await ctx.tx.fetch("refs_of_image", p.uuid)
+    if not remaining:
+        inventory = await image_inventory_of(ctx.tx, p.uuid)
+        await ctx.tx.fetchrow("image_delete", p.uuid)
+        await emit_deleted(ctx, p.uuid, inventory)
+    for message_id in cancelled_messages:
+        await settle_message(ctx, message_id)
+    return AWAIT_OPS
+
+
+async def change_image_state(ctx: Ctx, p: models.ChangeImageState) -> Outcome:
+    image = await ctx.tx.fetchrow("image_lock", p.uuid)
+    if image is None:
+        raise _not_found("image", p.uuid)
+    new_state = "Enabled" if p.stateEvent is models.StateEvent.enable else "Disabled"
+    changed = await ctx.tx.fetchrow("image_change_state", p.uuid, new_state)
+    inventory = await image_inventory_of(ctx.tx, p.uuid)
+    if changed is not None:
+        await ctx.outbox.event(
+            f"image.state.{p.uuid}",
+            {
+                "uuid": p.uuid,
+                "oldState": image["state"],
+                "newState": new_state,
+                "inventory": inventory,
+            },
+        )
+    return {"inventory": inventory}
+
+
+async def update_image(ctx: Ctx, p: models.UpdateImage) -> Outcome:
+    image = await ctx.tx.fetchrow("image_lock", p.uuid)
+    if image is None:
+        raise _not_found("image", p.uuid)
+    media_type = p.mediaType.value if p.mediaType is not None else image["media_type"]
+    system = p.system if p.system is not None else image["system"]
+    if (media_type == "ISO") != (image["format"] == "iso"):
+        raise ApiError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"mediaType: {media_type} does not fit an image of format {image['format']}",
+        )
+    if media_type == "ISO" and system:
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, "system: an ISO cannot be a system image")
+    await ctx.tx.fetchrow(
+        "image_update",
+        p.uuid,
+        p.name,
+        p.description,
+        p.guestOsType,
+        p.platform.value if p.platform else None,
+        p.mediaType.value if p.mediaType else None,
+        p.system,
+    )
+    return {"inventory": await image_inventory_of(ctx.tx, p.uuid)}
+
+
+def _project(inventories: list[dict[str, Any]], fields: tuple[str, ...] | None) -> list[Any]:
+    if fields is None:
+        return inventories
+    return [{k: inv[k] for k in fields if k in inv} for inv in inventories]
+
+
+async def _query(
+    ctx: Ctx,
+    entity: Entity,
+    p: models.Query,
+    load: Callable[[list[str]], Awaitable[list[dict[str, Any]]]],
+) -> Outcome:
+    compiled = compile_query(entity, p)
+    reply: dict[str, Any] = {}
+    if p.count or p.replyWithCount:
+        reply["total"] = await ctx.tx.fetchval_sql(compiled.count_sql, compiled.count_args)
+    if not p.count:
+        keys = [row[0] for row in await ctx.tx.fetch_sql(compiled.select_sql, compiled.args)]
+        reply["inventories"] = _project(await load(keys), compiled.fields)
+    else:
+        reply["inventories"] = []
+    return reply
+
+
+async def query_image(ctx: Ctx, p: models.Query) -> Outcome:
+    return await _query(ctx, IMAGE, p, lambda keys: image_inventories(ctx.tx, keys))
+
+
+async def _load_rows(
+    ctx: Ctx, query_name: str, keys: list[str], convert: Callable[[Any], dict[str, Any]]
+) -> list[dict[str, Any]]:
+    rows = {row["uuid"]: convert(row) for row in await ctx.tx.fetch(query_name, keys)}
+    return [rows[k] for k in keys if k in rows]
+
+
+async def query_backup_storage(ctx: Ctx, p: models.Query) -> Outcome:
+    return await _query(
+        ctx,
+        BACKUP_STORAGE,
+        p,
+        lambda keys: _load_rows(ctx, "bs_inventories", keys, backup_storage_inventory),
+    )
+
+
+async def query_user_tag(ctx: Ctx, p: models.Query) -> Outcome:
+    return await _query(
+        ctx, USER_TAG, p, lambda keys: _load_rows(ctx, "tag_inventories", keys, user_tag_inventory)
+    )
+
+
+async def change_backup_storage_state(ctx: Ctx, p: models.ChangeBackupStorageState) -> Outcome:
+    bs = await ctx.tx.fetchrow("bs_lock", p.uuid)
+    if bs is None:
+        raise _not_found("backup storage", p.uuid)
+    new_state = "Enabled" if p.stateEvent is models.StateEvent.enable else "Disabled"
+    await ctx.tx.fetchrow("bs_change_state", p.uuid, new_state)
+    rows = await ctx.tx.fetch("bs_inventories", [p.uuid])
+    return {"inventory": backup_storage_inventory(rows[0])}
+
+
+async def delete_backup_storage(ctx: Ctx, p: models.DeleteBackupStorage) -> Outcome:
+    bs = await ctx.tx.fetchrow("bs_lock", p.uuid)
+    if bs is None:
+        return {}
+    # Downloads in flight there fail; their callers are answered in this transaction.
+    waiting: list[str] = []
+    for op in await ctx.tx.fetch("ops_pending_of_bs", p.uuid):
+        await ctx.tx.fetchrow("image_lock", op["image_uuid"])
+        waiting += await cancel_ops(
+            ctx,
+            [op],
+            ErrorCode.OPERATION_ERROR,
+            f"backup storage {p.uuid} was deleted",
+            remove_files=False,
+        )
+        if op["kind"] == "delete":
+            await ctx.tx.fetchrow(
+                "op_finish",
+                op["op_id"],
+                "Failed",
+                None,
+                "OPERATION_ERROR",
+                "backup storage deleted",
+            )
+            if op["message_id"]:
+                waiting.append(op["message_id"])
+    for ref in await ctx.tx.fetch("refs_of_bs", p.uuid):
+        await ctx.tx.fetchrow("image_lock", ref["image_uuid"])
+        await ctx.tx.fetchrow("ref_delete", ref["image_uuid"], p.uuid)
+        if not await ctx.tx.fetch("refs_of_image", ref["image_uuid"]):
+            inventory = await image_inventory_of(ctx.tx, ref["image_uuid"])
+            await ctx.tx.fetchrow("image_delete", ref["image_uuid"])
+            await emit_deleted(ctx, ref["image_uuid"], inventory)
+    await ctx.tx.execute("bs_tombstone", p.uuid)
+    await ctx.tx.fetchrow("bs_delete", p.uuid)
+    for message_id in waiting:
+        await settle_message(ctx, message_id)
+    return {}
+
+
+async def create_user_tag(ctx: Ctx, p: models.CreateUserTag) -> Outcome:
+    if await ctx.tx.fetchrow("image_lock", p.resourceUuid) is None:
+        raise _not_found("image", p.resourceUuid)
+    row = await ctx.tx.fetchrow("tag_insert", uuid.uuid4().hex, p.resourceUuid, p.tag)
+    return {"inventory": user_tag_inventory(row)}
+
+
+async def delete_tag(ctx: Ctx, p: models.DeleteTag) -> Outcome:
+    await ctx.tx.fetchrow("tag_delete", p.uuid)
+    return {}
+
+
+@dataclass(frozen=True, slots=True)
+class Api:
+    model: type[BaseModel]
+    handler: Callable[[Ctx, Any], Awaitable[Outcome]]
+
+
+APIS: dict[str, Api] = {
+    "AddImage": Api(models.AddImage, add_image),
+    "DeleteImage": Api(models.DeleteImage, delete_image),
+    "ChangeImageState": Api(models.ChangeImageState, change_image_state),
+    "UpdateImage": Api(models.UpdateImage, update_image),
+    "QueryImage": Api(models.Query, query_image),
+    "QueryBackupStorage": Api(models.Query, query_backup_storage),
+    "ChangeBackupStorageState": Api(models.ChangeBackupStorageState, change_backup_storage_state),
+    "DeleteBackupStorage": Api(models.DeleteBackupStorage, delete_backup_storage),
+    "CreateUserTag": Api(models.CreateUserTag, create_user_tag),
+    "DeleteTag": Api(models.DeleteTag, delete_tag),
+    "QueryUserTag": Api(models.Query, query_user_tag),
+}

@@ -1,0 +1,334 @@
+"""RabbitMQ edge: the only module of the service that imports aio-pika.
+
+It declares the topology, publishes with publisher confirms and a timeout, and runs
+consumers that ack a delivery only after its handler returned (that is, after the handler's
+transaction committed). Handlers see an `Incoming` value, never an aio-pika message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+
+from image_service.names import Names
+
+log = logging.getLogger(__name__)
+
+PUBLISH_TIMEOUT = 10.0
+# A message that makes its handler fail this many times is parked on NS.dead, not looped.
+DELIVERY_LIMIT = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    body: bytes
+    message_id: str | None
+    reply_to: str | None
+    correlation_id: str | None
+    routing_key: str | None
+    redelivered: bool
+
+
+Handler = Callable[[Incoming], Awaitable[None]]
+
+
+class RetryLater(Exception):
+    """Raised by a handler when a dependency (the database) is unavailable: requeue, no ack."""
+
+
+class Bus:
+    def __init__(
+        self, amqp_url: str, names: Names, *, connection_name: str = "image-service"
+    ) -> None:
+        self.amqp_url = amqp_url
+        self.connection_name = connection_name
+        self.names = names
+        self.connection: AbstractRobustConnection | None = None
+        self._publish_channel: AbstractChannel | None = None
+        self._consume_channels: list[AbstractChannel] = []
+        # Strong references: connect_robust only restores what is still referenced.
+        self._queues: list[AbstractQueue] = []
+        self._consumer_tags: list[tuple[AbstractQueue, str]] = []
+        self._events: AbstractExchange | None = None
+        self._declared_agent_queues: set[str] = set()
+        self._inflight: set[asyncio.Task[None]] = set()
+
+    async def connect(self) -> None:
+        self.connection = await aio_pika.connect_robust(
+            self.amqp_url, client_properties={"connection_name": self.connection_name}
+        )
+        self._publish_channel = await self.connection.channel(publisher_confirms=True)
+
+    def _channel(self) -> AbstractChannel:
+        assert self._publish_channel is not None, "Bus.connect() first"
+        return self._publish_channel
+
+    async def _declare_shared(self) -> AbstractChannel:
+        """What service and agents both use: events, dead letters, results, heartbeats."""
+        channel = self._channel()
+        self._events = await channel.declare_exchange(
+            self.names.events, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        dead = await channel.declare_exchange(
+            self.names.dead_letters, aio_pika.ExchangeType.FANOUT, durable=True
+        )
+        dead_queue = await channel.declare_queue(self.names.dead_letters, durable=True)
+        await dead_queue.bind(dead)
+        await channel.declare_queue(
+            self.names.results, durable=True, arguments=self.work_queue_arguments()
+        )
+        await channel.declare_queue(self.names.heartbeats, durable=True)
+        return channel
+
+    async def declare_topology(self) -> None:
+        channel = await self._declare_shared()
+        await channel.declare_queue(
+            self.names.api, durable=True, arguments=self.work_queue_arguments()
+        )
+
+    async def declare_agent_topology(self, backup_storage_uuid: str) -> None:
+        await self._declare_shared()
+        await self.declare_agent_queue(backup_storage_uuid)
+
+    def work_queue_arguments(self) -> dict[str, Any]:
+        return {
+            "x-queue-type": "quorum",
+            "x-delivery-limit": DELIVERY_LIMIT,
+            "x-dead-letter-exchange": self.names.dead_letters,
+        }
+
+    async def declare_agent_queue(self, backup_storage_uuid: str) -> None:
+        """Declare an agent's command queue so commands wait there while the agent is away."""
+        name = self.names.agent(backup_storage_uuid)
+        if name in self._declared_agent_queues:
+            return
+        await self._channel().declare_queue(
+            name, durable=True, arguments=self.work_queue_arguments()
+        )
+        self._declared_agent_queues.add(name)
+
+    async def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        correlation_id: str | None = None,
+        message_id: str | None = None,
+        persistent: bool = True,
+        expiration: float | None = None,
+    ) -> None:
+        channel = self._channel()
+        message = aio_pika.Message(
+            body,
+            content_type="application/json",
+            correlation_id=correlation_id,
+            message_id=message_id,
+            expiration=expiration,
+            delivery_mode=(
+                aio_pika.DeliveryMode.PERSISTENT
+                if persistent
+                else aio_pika.DeliveryMode.NOT_PERSISTENT
+            ),
+        )
+        if exchange == "":
+            target = channel.default_exchange
+        elif exchange == self.names.events and self._events is not None:
+            target = self._events
+        else:
+            target = await channel.get_exchange(exchange, ensure=False)
+        await target.publish(message, routing_key=routing_key, timeout=PUBLISH_TIMEOUT)
+
+    async def consume(self, queue_name: str, handler: Handler, *, prefetch: int = 16) -> None:
+        """Consume `queue_name` on a channel of its own, `prefetch` deliveries at a time."""
+        assert self.connection is not None
+        channel = await self.connection.channel()
+        await channel.set_qos(prefetch_count=prefetch)
+        queue = await channel.get_queue(queue_name, ensure=True)
+        self._consume_channels.append(channel)
+        self._queues.append(queue)
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            task = asyncio.current_task()
+            if task is not None:
+                self._inflight.add(task)
+            try:
+                await self._deliver(message, handler)
+            finally:
+                if task is not None:
+                    self._inflight.discard(task)
+
+        tag = await queue.consume(on_message, no_ack=False)
+        self._consumer_tags.append((queue, tag))
+
+    async def _deliver(self, message: AbstractIncomingMessage, handler: Handler) -> None:
+        incoming = Incoming(
+            body=message.body,
+            message_id=message.message_id,
+            reply_to=message.reply_to,
+            correlation_id=message.correlation_id,
+            routing_key=message.routing_key,
+            redelivered=bool(message.redelivered),
+        )
+        try:
+            await handler(incoming)
+        except RetryLater as exc:
+            log.warning("requeueing %s: %s", message.message_id, exc)
+            await asyncio.sleep(1.0)
+            await self._settle(message, ack=False)
+        except Exception:
+            log.exception("handler failed for %s; requeueing", message.message_id)
+            await asyncio.sleep(0.5)
+            await self._settle(message, ack=False)
+        else:
+            await self._settle(message, ack=True)
+
+    @staticmethod
+    async def _settle(message: AbstractIncomingMessage, *, ack: bool) -> None:
+        # A lost channel means the broker redelivers the message: the inbox makes that safe.
+        with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError, ConnectionError):
+            if ack:
+                await message.ack()
+            else:
+                await message.nack(requeue=True)
+
+    async def stop_consuming(self, drain_timeout: float = 30.0) -> None:
+        """Stop taking deliveries, then wait for the ones being handled to settle."""
+        for queue, tag in self._consumer_tags:
+            with contextlib.suppress(Exception):
+                await queue.cancel(tag)
+        self._consumer_tags.clear()
+        if self._inflight:
+            await asyncio.wait(set(self._inflight), timeout=drain_timeout)
+
+    async def consumer_count(self, queue_name: str) -> int:
+        queue = await self._channel().declare_queue(queue_name, passive=True)
+        count = queue.declaration_result.consumer_count
+        return int(count or 0)
+
+    async def close(self) -> None:
+        if self.connection is not None:
+            await self.connection.close()
+
+
+class ApiClient:
+    """A caller of the service's API (used by image-cli and the tests): publishes to `NS.api`
+    and matches replies on its own exclusive queue by correlation id."""
+
+    def __init__(self, amqp_url: str, names: Names) -> None:
+        self.amqp_url = amqp_url
+        self.names = names
+        self.connection: aio_pika.abc.AbstractConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._reply_queue: AbstractQueue | None = None
+        self._waiting: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._subscriptions: list[AbstractQueue] = []
+
+    async def connect(self) -> None:
+        self.connection = await aio_pika.connect(
+            self.amqp_url, client_properties={"connection_name": "image-cli"}
+        )
+        self._channel = await self.connection.channel(publisher_confirms=True)
+        self._reply_queue = await self._channel.declare_queue(exclusive=True, auto_delete=True)
+        await self._reply_queue.consume(self._on_reply, no_ack=True)
+
+    @property
+    def reply_to(self) -> str:
+        assert self._reply_queue is not None, "ApiClient.connect() first"
+        return self._reply_queue.name
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        future = self._waiting.get(message.correlation_id or "")
+        if future is None or future.done():
+            return
+        try:
+            future.set_result(json.loads(message.body))
+        except ValueError as exc:
+            future.set_exception(exc)
+
+    async def publish_raw(
+        self,
+        body: bytes,
+        *,
+        message_id: str | None,
+        reply_to: str | None,
+        correlation_id: str | None = None,
+        content_type: str | None = "application/json",
+    ) -> None:
+        assert self._channel is not None, "ApiClient.connect() first"
+        message = aio_pika.Message(
+            body,
+            content_type=content_type,
+            message_id=message_id,
+            reply_to=reply_to,
+            correlation_id=correlation_id,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        await self._channel.default_exchange.publish(
+            message, routing_key=self.names.api, timeout=PUBLISH_TIMEOUT
+        )
+
+    def expect(self, correlation_id: str) -> asyncio.Future[dict[str, Any]]:
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[correlation_id] = future
+        return future
+
+    async def call(
+        self,
+        api: str,
+        params: dict[str, Any] | None = None,
+        *,
+        message_id: str | None = None,
+        timeout: float | None = 60.0,
+    ) -> dict[str, Any]:
+        """Call one API and wait for its reply."""
+        message_id = message_id or uuid.uuid4().hex
+        future = self.expect(message_id)
+        try:
+            await self.publish_raw(
+                json.dumps({"api": api, "params": params or {}}).encode(),
+                message_id=message_id,
+                reply_to=self.reply_to,
+            )
+            return await asyncio.wait_for(future, timeout)
+        finally:
+            self._waiting.pop(message_id, None)
+
+    async def subscribe(
+        self, binding_keys: list[str], callback: Callable[[str, dict[str, Any]], Awaitable[None]]
+    ) -> None:
+        """Receive events of `NS.events` matching `binding_keys` while connected."""
+        assert self._channel is not None, "ApiClient.connect() first"
+        exchange = await self._channel.declare_exchange(
+            self.names.events, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        queue = await self._channel.declare_queue(exclusive=True, auto_delete=True)
+        for key in binding_keys:
+            await queue.bind(exchange, routing_key=key)
+
+        async def on_event(message: AbstractIncomingMessage) -> None:
+            with contextlib.suppress(ValueError):
+                await callback(message.routing_key or "", json.loads(message.body))
+
+        await queue.consume(on_event, no_ack=True)
+        self._subscriptions.append(queue)
+
+    async def close(self) -> None:
+        if self.connection is not None:
+            await self.connection.close()

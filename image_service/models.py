@@ -1,0 +1,226 @@
+"""Pydantic models of the contract's API parameters (the validation boundary).
+
+Every model forbids unknown fields and is strict about types, so a mistyped or unknown
+parameter is an INVALID_ARGUMENT that names the offending field, never a silent coercion.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+UUID_RE = re.compile(r"^[0-9a-f]{32}$")
+MD5_RE = re.compile(r"^[0-9a-f]{32}$")
+# Characters that would let a name escape the directory it is stored in, or confuse a shell.
+NAME_FORBIDDEN_RE = re.compile(r"[/\\\x00-\x1f\x7f]")
+
+
+def _check_uuid(value: str) -> str:
+    if not UUID_RE.match(value):
+        raise ValueError("must be 32 lowercase hex characters")
+    return value
+
+
+def _check_name(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be blank")
+    if NAME_FORBIDDEN_RE.search(value) or value in (".", ".."):
+        raise ValueError("must not contain path separators or control characters")
+    return value
+
+
+def _check_md5(value: str) -> str:
+    lowered = value.lower()
+    if not MD5_RE.match(lowered):
+        raise ValueError("must be 32 hex characters")
+    return lowered
+
+
+def _check_url(value: str) -> str:
+    if not re.match(r"^(https?|sftp)://[^\s/]+", value):
+        raise ValueError("must be an http://, https:// or sftp:// url with a host")
+    if any(ch in value for ch in "\x00\r\n\t "):
+        raise ValueError("must not contain whitespace or control characters")
+    return value
+
+
+Uuid = Annotated[str, Field(min_length=32, max_length=32), AfterValidator(_check_uuid)]
+Name = Annotated[str, Field(min_length=1, max_length=255), AfterValidator(_check_name)]
+Description = Annotated[str, Field(max_length=2048)]
+GuestOsType = Annotated[str, Field(max_length=255)]
+Md5 = Annotated[str, Field(min_length=32, max_length=32), AfterValidator(_check_md5)]
+ImageUrl = Annotated[str, Field(min_length=8, max_length=2048), AfterValidator(_check_url)]
+UuidList = Annotated[list[Uuid], Field(min_length=1, max_length=100)]
+
+
+class MediaType(StrEnum):
+    RootVolumeTemplate = "RootVolumeTemplate"
+    DataVolumeTemplate = "DataVolumeTemplate"
+    ISO = "ISO"
+
+
+class Platform(StrEnum):
+    Linux = "Linux"
+    Windows = "Windows"
+    Paravirtualization = "Paravirtualization"
+    Other = "Other"
+
+
+class ImageFormat(StrEnum):
+    qcow2 = "qcow2"
+    raw = "raw"
+    iso = "iso"
+
+
+class StateEvent(StrEnum):
+    enable = "enable"
+    disable = "disable"
+
+
+class DeleteMode(StrEnum):
+    Permissive = "Permissive"
+    Enforcing = "Enforcing"
+
+
+class Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class AddImage(Params):
+    name: Name
+    url: ImageUrl
+    format: ImageFormat | None = None
+    backupStorageUuids: UuidList
+    mediaType: MediaType = MediaType.RootVolumeTemplate
+    platform: Platform = Platform.Linux
+    system: bool = False
+    guestOsType: GuestOsType | None = None
+    description: Description | None = None
+    resourceUuid: Uuid | None = None
+    type: Literal["zstack"] = "zstack"
+    md5Sum: Md5 | None = None
+
+    @model_validator(mode="after")
+    def _media_and_format(self) -> AddImage:
+        if self.mediaType is MediaType.ISO:
+            if self.format not in (None, ImageFormat.iso):
+                raise ValueError("format: an ISO image has format iso")
+            if self.system:
+                raise ValueError("system: an ISO cannot be a system image")
+        else:
+            if self.format is None:
+                raise ValueError("format: required (qcow2 or raw)")
+            if self.format is ImageFormat.iso:
+                raise ValueError("format: iso requires mediaType ISO")
+        if len(set(self.backupStorageUuids)) != len(self.backupStorageUuids):
+            raise ValueError("backupStorageUuids: duplicate uuid")
+        return self
+
+    @property
+    def effective_format(self) -> ImageFormat:
+        return self.format or ImageFormat.iso
+
+
+class DeleteImage(Params):
+    uuid: Uuid
+    backupStorageUuids: UuidList | None = None
+    deleteMode: DeleteMode = DeleteMode.Permissive
+
+
+class ChangeImageState(Params):
+    uuid: Uuid
+    stateEvent: StateEvent
+
+
+class UpdateImage(Params):
+    uuid: Uuid
+    name: Name | None = None
+    description: Description | None = None
+    guestOsType: GuestOsType | None = None
+    platform: Platform | None = None
+    mediaType: MediaType | None = None
+    system: bool | None = None
+
+
+class Condition(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    name: Annotated[str, Field(min_length=1, max_length=128)]
+    op: Annotated[str, Field(min_length=1, max_length=8)]
+    value: Any = None
+
+
+class Query(Params):
+    conditions: Annotated[list[Condition], Field(max_length=100)] = []
+    limit: Annotated[int, Field(ge=1, le=10000)] = 1000
+    start: Annotated[int, Field(ge=0)] = 0
+    count: bool = False
+    replyWithCount: bool = False
+    sortBy: Annotated[str, Field(max_length=128)] | None = None
+    sortDirection: Literal["asc", "desc"] = "asc"
+    fields: Annotated[list[Annotated[str, Field(max_length=128)]], Field(max_length=100)] | None = (
+        None
+    )
+
+
+class ChangeBackupStorageState(Params):
+    uuid: Uuid
+    stateEvent: StateEvent
+
+
+class DeleteBackupStorage(Params):
+    uuid: Uuid
+
+
+class CreateUserTag(Params):
+    resourceType: Literal["ImageVO"]
+    resourceUuid: Uuid
+    tag: Annotated[str, Field(min_length=1, max_length=2048)]
+
+
+class DeleteTag(Params):
+    uuid: Uuid
+
+
+class Envelope(BaseModel):
+    """The message body: `{"api": NAME, "params": {...}}`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    api: Annotated[str, Field(min_length=1, max_length=128)]
+    params: dict[str, Any] = {}
+
+
+# --- agent messages (the project's extension of the contract, docs/PROTOCOL.md §8) ---
+
+
+class AgentResult(BaseModel):
+    """What an agent publishes on `NS.results` when an operation has finished."""
+
+    model_config = ConfigDict(extra="ignore")
+    opId: str
+    backupStorageUuid: Uuid
+    success: bool
+    installPath: str | None = None
+    size: int | None = None
+    actualSize: int | None = None
+    virtualSize: int | None = None
+    md5Sum: str | None = None
+    format: str | None = None
+    code: str | None = None
+    details: str | None = None
+
+
+class Heartbeat(BaseModel):
+    """What an agent publishes on `NS.heartbeats` every interval."""
+
+    model_config = ConfigDict(extra="ignore")
+    uuid: Uuid
+    name: Annotated[str, Field(min_length=1, max_length=255)]
+    url: Annotated[str, Field(min_length=1, max_length=4096)]
+    hostname: Annotated[str, Field(min_length=1, max_length=255)]
+    totalCapacity: Annotated[int, Field(ge=0)]
+    availableCapacity: Annotated[int, Field(ge=0)]
+    heartbeatInterval: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    sentAt: float | None = None

@@ -1,0 +1,33 @@
+"""Exchange and queue names, all under the namespace (contract §1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Names:
+    namespace: str
+
+    @property
+    def api(self) -> str:
+        return f"{self.namespace}.api"
+
+    @property
+    def results(self) -> str:
+        return f"{self.namespace}.results"
+
+    @property
+    def heartbeats(self) -> str:
+        return f"{self.namespace}.heartbeats"
+
+    @property
+    def events(self) -> str:
+        return f"{self.namespace}.events"
+
+    @property
+    def dead_letters(self) -> str:
+        return f"{self.namespace}.dead"
+
+    def agent(self, backup_storage_uuid: str) -> str:
+        return f"{self.namespace}.agent.{backup_storage_uuid}"

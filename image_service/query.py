@@ -1,0 +1,287 @@
+"""Compiler from the contract's query conditions (§5) to one parameterised SQL statement.
+
+Pure: it takes validated `Query` models and returns SQL text plus bound arguments. Every
+identifier comes from the whitelists below and every value is a `$n` parameter, so no input
+ever reaches SQL as text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any
+
+from image_service.errors import ApiError, ErrorCode
+from image_service.models import Condition, Query
+
+
+class Kind(Enum):
+    TEXT = "text"
+    INT = "int"
+    BOOL = "bool"
+    DATE = "date"
+    ENUM = "enum"
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    sql: str
+    kind: Kind
+    choices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Nested:
+    """A related inventory reachable as `prefix.FIELD`; `exists` has `{a}` (outer alias),
+    `{n}` (nested alias) and must end in a WHERE clause that the condition is ANDed onto."""
+
+    entity: Entity
+    exists: str
+
+
+@dataclass(frozen=True, slots=True)
+class Entity:
+    table: str
+    columns: dict[str, Column]
+    default_order: tuple[str, ...] = ("createDate", "uuid")
+    nested: dict[str, Nested] = field(default_factory=dict)
+    tag_exists: str | None = None
+
+
+def _c(sql: str, kind: Kind, *choices: str) -> Column:
+    return Column(sql, kind, choices)
+
+
+BACKUP_STORAGE = Entity(
+    table="backup_storage",
+    columns={
+        "uuid": _c("uuid", Kind.TEXT),
+        "name": _c("name", Kind.TEXT),
+        "description": _c("description", Kind.TEXT),
+        "url": _c("url", Kind.TEXT),
+        "hostname": _c("hostname", Kind.TEXT),
+        "type": _c("type", Kind.TEXT),
+        "state": _c("state", Kind.ENUM, "Enabled", "Disabled"),
+        "status": _c("status", Kind.ENUM, "Connecting", "Connected", "Disconnected"),
+        "totalCapacity": _c("total_capacity", Kind.INT),
+        "availableCapacity": _c("available_capacity", Kind.INT),
+        "createDate": _c("create_date", Kind.DATE),
+        "lastOpDate": _c("last_op_date", Kind.DATE),
+    },
+)
+
+BACKUP_STORAGE_REF = Entity(
+    table="image_backup_storage_ref",
+    columns={
+        "imageUuid": _c("image_uuid", Kind.TEXT),
+        "backupStorageUuid": _c("backup_storage_uuid", Kind.TEXT),
+        "installPath": _c("install_path", Kind.TEXT),
+        "status": _c("status", Kind.ENUM, "Creating", "Downloading", "Ready"),
+        "createDate": _c("create_date", Kind.DATE),
+        "lastOpDate": _c("last_op_date", Kind.DATE),
+    },
+    default_order=("createDate", "imageUuid"),
+)
+
+IMAGE = Entity(
+    table="image",
+    columns={
+        "uuid": _c("uuid", Kind.TEXT),
+        "name": _c("name", Kind.TEXT),
+        "description": _c("description", Kind.TEXT),
+        "state": _c("state", Kind.ENUM, "Enabled", "Disabled"),
+        "status": _c("status", Kind.ENUM, "Creating", "Downloading", "Ready"),
+        "size": _c("size", Kind.INT),
+        "actualSize": _c("actual_size", Kind.INT),
+        "virtualSize": _c("virtual_size", Kind.INT),
+        "url": _c("url", Kind.TEXT),
+        "mediaType": _c("media_type", Kind.ENUM, "RootVolumeTemplate", "DataVolumeTemplate", "ISO"),
+        "guestOsType": _c("guest_os_type", Kind.TEXT),
+        "platform": _c("platform", Kind.ENUM, "Linux", "Windows", "Paravirtualization", "Other"),
+        "system": _c("system", Kind.BOOL),
+        "format": _c("format", Kind.ENUM, "qcow2", "raw", "iso"),
+        "md5Sum": _c("md5_sum", Kind.TEXT),
+        "type": _c("type", Kind.TEXT),
+        "createDate": _c("create_date", Kind.DATE),
+        "lastOpDate": _c("last_op_date", Kind.DATE),
+    },
+    nested={
+        "backupStorage": Nested(
+            BACKUP_STORAGE,
+            "SELECT 1 FROM image_backup_storage_ref r_ JOIN backup_storage {n} "
+            "ON {n}.uuid = r_.backup_storage_uuid WHERE r_.image_uuid = {a}.uuid",
+        ),
+        "backupStorageRef": Nested(
+            BACKUP_STORAGE_REF,
+            "SELECT 1 FROM image_backup_storage_ref {n} WHERE {n}.image_uuid = {a}.uuid",
+        ),
+    },
+    tag_exists="SELECT 1 FROM user_tag t_ WHERE t_.resource_uuid = {a}.uuid",
+)
+
+USER_TAG = Entity(
+    table="user_tag",
+    columns={
+        "uuid": _c("uuid", Kind.TEXT),
+        "resourceType": _c("resource_type", Kind.TEXT),
+        "resourceUuid": _c("resource_uuid", Kind.TEXT),
+        "tag": _c("tag", Kind.TEXT),
+        "type": _c("type", Kind.TEXT),
+        "createDate": _c("create_date", Kind.DATE),
+        "lastOpDate": _c("last_op_date", Kind.DATE),
+    },
+)
+
+# The inventory field names a `fields` list may name, beyond the columns.
+EXTRA_FIELDS = {"image": ("backupStorageRefs",)}
+
+COMPARISONS = {"=": "=", "!=": "<>", ">": ">", ">=": ">=", "<": "<", "<=": "<="}
+ALL_OPS = (*COMPARISONS, "?=", "!?=", "~=", "!~=", "is null", "not null")
+
+
+def _bad(details: str) -> ApiError:
+    return ApiError(ErrorCode.INVALID_ARGUMENT, details)
+
+
+def cast_value(name: str, column: Column, value: Any) -> Any:
+    """Cast one condition value to the column's type, or raise INVALID_ARGUMENT naming it."""
+    kind = column.kind
+    if kind is Kind.INT:
+        if isinstance(value, bool):
+            raise _bad(f"conditions: {name}: {value!r} is not an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            number = int(value.strip())
+            if abs(number) < 2**63:
+                return number
+        raise _bad(f"conditions: {name}: {value!r} is not an integer")
+    if kind is Kind.BOOL:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise _bad(f"conditions: {name}: {value!r} is not true or false")
+    if kind is Kind.DATE:
+        if isinstance(value, str):
+            try:
+                parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            except ValueError:
+                pass
+            else:
+                return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+        raise _bad(f"conditions: {name}: {value!r} is not an ISO 8601 date")
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise _bad(f"conditions: {name}: {value!r} is not a string")
+    text = str(value)
+    if "\x00" in text or len(text) > 4096:
+        raise _bad(f"conditions: {name}: value is not a valid string")
+    if kind is Kind.ENUM and text not in column.choices:
+        raise _bad(f"conditions: {name}: {text!r} is not one of {', '.join(column.choices)}")
+    return text
+
+
+class _Compiler:
+    def __init__(self) -> None:
+        self.args: list[Any] = []
+        self.aliases = 0
+
+    def bind(self, value: Any) -> str:
+        self.args.append(value)
+        return f"${len(self.args)}"
+
+    def alias(self) -> str:
+        self.aliases += 1
+        return f"n{self.aliases}"
+
+    def predicate(self, ref: str, name: str, column: Column, op: str, value: Any) -> str:
+        col = f"{ref}.{column.sql}"
+        if column.kind is Kind.ENUM:
+            col = f"{col}::text"
+        if op == "is null":
+            return f"{col} IS NULL"
+        if op == "not null":
+            return f"{col} IS NOT NULL"
+        if op in ("?=", "!?="):
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, list) or not items or len(items) > 1000:
+                raise _bad(f"conditions: {name}: {op} takes a non-empty list")
+            cast = [cast_value(name, column, item) for item in items]
+            sql_type = {Kind.INT: "bigint", Kind.BOOL: "boolean", Kind.DATE: "timestamptz"}.get(
+                column.kind, "text"
+            )
+            placeholder = self.bind(cast)
+            if op == "?=":
+                return f"{col} = ANY({placeholder}::{sql_type}[])"
+            return f"NOT ({col} = ANY({placeholder}::{sql_type}[]))"
+        if op in ("~=", "!~="):
+            if not isinstance(value, str):
+                raise _bad(f"conditions: {name}: {op} takes a string pattern")
+            if column.kind is not Kind.TEXT and column.kind is not Kind.ENUM:
+                col = f"{col}::text"
+            placeholder = self.bind(value)
+            return f"{col} LIKE {placeholder}" if op == "~=" else f"{col} NOT LIKE {placeholder}"
+        if op in COMPARISONS:
+            if value is None:
+                raise _bad(f"conditions: {name}: a value is required for {op}")
+            return f"{col} {COMPARISONS[op]} {self.bind(cast_value(name, column, value))}"
+        raise _bad(f"conditions: {name}: unknown op {op!r} (one of {', '.join(ALL_OPS)})")
+
+    def condition(self, entity: Entity, ref: str, cond: Condition) -> str:
+        name, op = cond.name, cond.op
+        if name == "__userTag__" and entity.tag_exists:
+            pred = self.predicate("t_", name, Column("tag", Kind.TEXT), op, cond.value)
+            return f"EXISTS ({entity.tag_exists.format(a=ref)} AND {pred})"
+        if name in entity.columns:
+            return self.predicate(ref, name, entity.columns[name], op, cond.value)
+        prefix, dot, rest = name.partition(".")
+        if dot and prefix in entity.nested:
+            nested = entity.nested[prefix]
+            if rest not in nested.entity.columns:
+                raise _bad(f"conditions: unknown field {name!r}")
+            alias = self.alias()
+            pred = self.predicate(alias, name, nested.entity.columns[rest], op, cond.value)
+            return f"EXISTS ({nested.exists.format(a=ref, n=alias)} AND {pred})"
+        raise _bad(f"conditions: unknown field {name!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledQuery:
+    select_sql: str
+    count_sql: str
+    args: list[Any]
+    count_args: list[Any]
+    fields: tuple[str, ...] | None
+
+
+def compile_query(entity: Entity, query: Query, key: str = "uuid") -> CompiledQuery:
+    """Compile a query to `SELECT key ...` (one page) and `SELECT count(*) ...`."""
+    compiler = _Compiler()
+    where = [compiler.condition(entity, "a", cond) for cond in query.conditions]
+    where_sql = " AND ".join(where) if where else "TRUE"
+    count_args = list(compiler.args)
+    order: list[str] = []
+    if query.sortBy is not None:
+        if query.sortBy not in entity.columns:
+            raise _bad(f"sortBy: unknown field {query.sortBy!r}")
+        direction = "DESC" if query.sortDirection == "desc" else "ASC"
+        order.append(f"a.{entity.columns[query.sortBy].sql} {direction} NULLS LAST")
+    for name in entity.default_order:
+        order.append(f"a.{entity.columns[name].sql} ASC")
+    key_sql = entity.columns[key].sql
+    limit = compiler.bind(query.limit)
+    offset = compiler.bind(query.start)
+    select_sql = (
+        f"SELECT a.{key_sql} FROM {entity.table} a WHERE {where_sql} "
+        f"ORDER BY {', '.join(order)} LIMIT {limit} OFFSET {offset}"
+    )
+    count_sql = f"SELECT count(*) FROM {entity.table} a WHERE {where_sql}"
+    fields: tuple[str, ...] | None = None
+    if query.fields is not None:
+        allowed = set(entity.columns) | set(EXTRA_FIELDS.get(entity.table, ()))
+        for name in query.fields:
+            if name not in allowed:
+                raise _bad(f"fields: unknown field {name!r}")
+        fields = tuple(query.fields)
+    return CompiledQuery(select_sql, count_sql, compiler.args, count_args, fields)

@@ -1,0 +1,352 @@
+"""The image service process: wires the bus and the store to the handlers.
+
+Every delivery follows one order: validate; in one transaction record the message id
+(inbox), change state, and record what must be published (outbox); commit; ack; then the
+relay publishes the outbox. Background loops (each safe to run in several replicas at once)
+publish the outbox, turn silent agents Disconnected, re-send the commands of unfinished
+operations (their lease) and prune old inbox and op rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from image_service.api import APIS, AwaitOps
+from image_service.bus import Bus, Incoming, RetryLater
+from image_service.errors import ApiError, ErrorCode
+from image_service.lifecycle import backup_storage_inventory
+from image_service.models import AgentResult, Envelope, Heartbeat
+from image_service.names import Names
+from image_service.operations import (
+    Ctx,
+    apply_result,
+    backup_storage_disconnected,
+    error_reply,
+    finish_message,
+    settle_message,
+    success_reply,
+)
+from image_service.outbox import Outbox, encode
+from image_service.store import CONNECTION_ERRORS, Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/images"
+    namespace: str = "image"
+    # An op whose command was sent this long ago without a result is sent again.
+    resend_after: float = 30.0
+    # A backup storage is Disconnected after this many heartbeat intervals of silence.
+    missed_heartbeats: int = 3
+    monitor_interval: float = 1.0
+    retention: float = 7 * 24 * 3600.0
+    prefetch: int = 16
+
+
+def validation_details(exc: ValidationError) -> str:
+    """Pydantic errors as `field: problem; ...`, naming every offending parameter."""
+    parts = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown parameter"
+        elif msg.startswith("Value error, "):
+            msg = msg.removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+def parse_envelope(body: bytes) -> Envelope:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(ErrorCode.MALFORMED_MESSAGE, f"body is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ApiError(ErrorCode.MALFORMED_MESSAGE, 'body must be {"api": NAME, "params": {...}}')
+    data = {k: v for k, v in data.items() if k in ("api", "params")}
+    try:
+        return Envelope.model_validate(data)
+    except ValidationError as exc:
+        raise ApiError(
+            ErrorCode.MALFORMED_MESSAGE,
+            'body must be {"api": NAME, "params": {...}}: ' + validation_details(exc),
+        ) from None
+
+
+class ImageService:
+    """One replica of the service; several may run against the same broker and database."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.names = Names(settings.namespace)
+        self.bus = Bus(settings.amqp_url, self.names)
+        self.store: Store | None = None
+        self._kick = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    # --- lifecycle of the process -----------------------------------------------------
+
+    async def start(self) -> None:
+        self.store = await Store.open(self.settings.database_url)
+        await self.store.migrate()
+        await self.bus.connect()
+        await self.bus.declare_topology()
+        self._tasks = [
+            asyncio.create_task(self._loop("relay", self._relay_loop)),
+            asyncio.create_task(self._loop("monitor", self._monitor_loop)),
+        ]
+        prefetch = self.settings.prefetch
+        await self.bus.consume(self.names.heartbeats, self.on_heartbeat, prefetch=prefetch)
+        await self.bus.consume(self.names.results, self.on_result, prefetch=prefetch)
+        await self.bus.consume(self.names.api, self.on_api, prefetch=prefetch)
+        log.info("image service started (namespace %s)", self.settings.namespace)
+
+    async def stop(self) -> None:
+        """Graceful stop: take no new deliveries, finish and ack the ones in hand, publish
+        what they committed, then close. What is left resumes in another replica."""
+        self._stopping = True
+        await self.bus.stop_consuming()
+        with contextlib.suppress(Exception):
+            await self._relay_all()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.bus.close()
+        if self.store is not None:
+            await self.store.close()
+        log.info("image service stopped")
+
+    async def _loop(self, name: str, body: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            try:
+                await body()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("%s loop failed; restarting it", name)
+                await asyncio.sleep(1.0)
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Ctx]:
+        """A transaction whose commit wakes the relay; a lost database means RetryLater."""
+        assert self.store is not None
+        try:
+            async with self.store.transaction() as tx:
+                yield Ctx(tx, Outbox(tx, self.names), "")
+        except CONNECTION_ERRORS as exc:
+            raise RetryLater(f"database unavailable: {exc}") from exc
+        self._kick.set()
+
+    # --- API messages -------------------------------------------------------------------
+
+    async def on_api(self, msg: Incoming) -> None:
+        message_id = msg.message_id or f"generated-{uuid.uuid4().hex}"
+        if msg.message_id is None:
+            log.warning("API message without message_id: it cannot be deduplicated")
+        correlation_id = msg.correlation_id or msg.message_id
+        envelope: Envelope | None = None
+        bad_envelope: ApiError | None = None
+        try:
+            envelope = parse_envelope(msg.body)
+        except ApiError as exc:
+            bad_envelope = exc
+        api_name = envelope.api if envelope is not None else None
+        async with self._transaction() as base:
+            ctx = Ctx(base.tx, base.outbox, message_id)
+            claimed = await ctx.tx.fetchrow(
+                "inbox_claim", message_id, api_name or "", msg.reply_to, correlation_id
+            )
+            if claimed is None:
+                await self._duplicate(ctx, msg, correlation_id)
+                return
+            if bad_envelope is not None or envelope is None:
+                error = bad_envelope or ApiError(ErrorCode.MALFORMED_MESSAGE, "no envelope")
+                await finish_message(ctx, message_id, error_reply(None, error))
+                return
+            outcome = await self._run(ctx, envelope)
+            if isinstance(outcome, AwaitOps):
+                await settle_message(ctx, message_id)
+            else:
+                await finish_message(ctx, message_id, outcome)
+
+    async def _run(self, ctx: Ctx, envelope: Envelope) -> dict[str, Any] | AwaitOps:
+        name = envelope.api
+        api = APIS.get(name)
+        if api is None:
+            known = ", ".join(sorted(APIS))
+            return error_reply(name, ApiError(ErrorCode.UNKNOWN_API, f"{name!r}; known: {known}"))
+        try:
+            try:
+                params = api.model.model_validate(envelope.params)
+            except ValidationError as exc:
+                raise ApiError(ErrorCode.INVALID_ARGUMENT, validation_details(exc)) from None
+            async with ctx.tx.savepoint():
+                outcome = await api.handler(ctx, params)
+        except ApiError as exc:
+            return error_reply(name, exc)
+        except CONNECTION_ERRORS:
+            raise
+        except Exception as exc:
+            log.exception("%s failed (message %s)", name, ctx.message_id)
+            return error_reply(name, ApiError(ErrorCode.INTERNAL_ERROR, type(exc).__name__))
+        if isinstance(outcome, AwaitOps):
+            return outcome
+        return success_reply(name, **outcome)
+
+    async def _duplicate(self, ctx: Ctx, msg: Incoming, correlation_id: str | None) -> None:
+        """A message id seen before: the same reply again, never a second execution."""
+        row = await ctx.tx.fetchrow("inbox_get", ctx.message_id)
+        assert row is not None
+        log.info("duplicate message %s (redelivered=%s)", ctx.message_id, msg.redelivered)
+        if not msg.reply_to:
+            return
+        if row["reply"] is not None:
+            await ctx.outbox.reply(msg.reply_to, correlation_id, row["reply"])
+        elif (msg.reply_to, correlation_id) != (row["reply_to"], row["correlation_id"]):
+            await ctx.tx.execute("inbox_add_waiter", ctx.message_id, msg.reply_to, correlation_id)
+
+    # --- agent results and heartbeats ------------------------------------------------
+
+    async def on_result(self, msg: Incoming) -> None:
+        try:
+            result = AgentResult.model_validate_json(msg.body)
+        except ValidationError as exc:
+            log.warning("malformed agent result dropped: %s", validation_details(exc))
+            return
+        async with self._transaction() as ctx:
+            await apply_result(ctx, result)
+
+    async def on_heartbeat(self, msg: Incoming) -> None:
+        try:
+            beat = Heartbeat.model_validate_json(msg.body)
+        except ValidationError as exc:
+            log.warning("malformed heartbeat dropped: %s", validation_details(exc))
+            return
+        if beat.sentAt is not None and time.time() - beat.sentAt > 2 * beat.heartbeatInterval:
+            return  # stale: it waited in the queue while this service was away
+        async with self._transaction() as ctx:
+            row = await ctx.tx.fetchrow(
+                "bs_heartbeat",
+                beat.uuid,
+                beat.name,
+                beat.url,
+                beat.hostname,
+                beat.totalCapacity,
+                beat.availableCapacity,
+                beat.heartbeatInterval,
+            )
+            if row is None or row["uuid"] is None:
+                log.info("heartbeat of deleted backup storage %s ignored", beat.uuid)
+                return
+            if row["old_status"] != "Connected":
+                await self.bus.declare_agent_queue(beat.uuid)
+                await ctx.tx.execute("ops_resend_now", beat.uuid)
+                await self._emit_bs_status(ctx, beat.uuid, row["old_status"], "Connected")
+
+    async def _emit_bs_status(self, ctx: Ctx, bs_uuid: str, old: str | None, new: str) -> None:
+        rows = await ctx.tx.fetch("bs_inventories", [bs_uuid])
+        await ctx.outbox.event(
+            f"backupStorage.status.{bs_uuid}",
+            {
+                "uuid": bs_uuid,
+                "oldStatus": old,
+                "newStatus": new,
+                "inventory": backup_storage_inventory(rows[0]) if rows else None,
+            },
+        )
+
+    # --- background loops --------------------------------------------------------------
+
+    async def _monitor_loop(self) -> None:
+        last_prune = 0.0
+        while True:
+            try:
+                await self._monitor_once()
+                if time.monotonic() - last_prune > 3600:
+                    await self._prune()
+                    last_prune = time.monotonic()
+            except RetryLater as exc:
+                log.warning("monitor: %s", exc)
+            await asyncio.sleep(self.settings.monitor_interval)
+
+    async def _monitor_once(self) -> None:
+        async with self._transaction() as ctx:
+            lost = await ctx.tx.fetch("bs_mark_disconnected", self.settings.missed_heartbeats)
+            for row in lost:
+                log.warning("backup storage %s Disconnected (missed heartbeats)", row["uuid"])
+                await self._emit_bs_status(ctx, row["uuid"], "Connected", "Disconnected")
+                await backup_storage_disconnected(ctx, row["uuid"])
+        async with self._transaction() as ctx:
+            for op in await ctx.tx.fetch("ops_due_for_resend", self.settings.resend_after):
+                await ctx.outbox.command(op["backup_storage_uuid"], op["command"])
+
+    async def _prune(self) -> None:
+        async with self._transaction() as ctx:
+            await ctx.tx.execute("inbox_prune", self.settings.retention)
+            await ctx.tx.execute("ops_prune", self.settings.retention)
+
+    async def _relay_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), timeout=0.5)
+            self._kick.clear()
+            try:
+                await self._relay_all()
+            except CONNECTION_ERRORS as exc:
+                log.warning("relay: database unavailable: %s", exc)
+                await asyncio.sleep(1.0)
+
+    async def _relay_all(self) -> None:
+        while await self._relay_batch() == 100:
+            pass
+
+    async def _relay_batch(self) -> int:
+        """Publish up to 100 outbox rows; rows published are deleted in the same transaction
+        that locked them, so another replica never publishes them too."""
+        assert self.store is not None
+        async with self.store.transaction() as tx:
+            rows = await tx.fetch("outbox_take", 100)
+            done: list[int] = []
+            try:
+                for row in rows:
+                    await self.bus.publish(
+                        row["exchange"],
+                        row["routing_key"],
+                        encode(row["body"]),
+                        correlation_id=row["correlation_id"],
+                        message_id=row["message_id"],
+                        persistent=row["persistent"],
+                    )
+                    done.append(row["id"])
+            except Exception as exc:  # broker trouble: keep the rest for the next round
+                log.warning("relay: publish failed, will retry: %r", exc)
+                await tx.execute("outbox_delete", done)
+                await asyncio.sleep(0.5)
+                return 0
+            await tx.execute("outbox_delete", done)
+            return len(rows)
+
+
+async def run_forever(settings: Settings, stop: asyncio.Event) -> None:
+    service = ImageService(settings)
+    await service.start()
+    try:
+        await stop.wait()
+    finally:
+        await service.stop()

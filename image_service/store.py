@@ -1,0 +1,134 @@
+"""PostgreSQL edge: the only module that imports asyncpg.
+
+`Store` owns the pool and the schema; `Tx` is one transaction with one method per named
+query in `sql/queries.sql`. Handlers receive a `Tx` and never see a connection.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import asyncpg.pool
+
+log = logging.getLogger(__name__)
+
+SCHEMA_LOCK_KEY = 0x1A6E_5E41
+
+
+def _load_queries() -> dict[str, str]:
+    text = resources.files("image_service").joinpath("sql/queries.sql").read_text()
+    queries: dict[str, str] = {}
+    for block in re.split(r"^-- name: ", text, flags=re.MULTILINE)[1:]:
+        name, _, body = block.partition("\n")
+        queries[name.strip()] = body.strip()
+    return queries
+
+
+QUERIES = _load_queries()
+Record = asyncpg.Record
+
+# Errors that mean "the database is unreachable now", as opposed to a bug in a statement.
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.InterfaceError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.ConnectionFailureError,
+)
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    await conn.set_type_codec("json", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def ensure_database(database_url: str) -> None:
+    """Create the service's database when it does not exist yet (contract §1)."""
+    parts = urlsplit(database_url)
+    dbname = parts.path.lstrip("/") or "images"
+    admin_url = urlunsplit(parts._replace(path="/postgres"))
+    try:
+        conn = await asyncpg.connect(database_url)
+    except asyncpg.exceptions.InvalidCatalogNameError:
+        admin = await asyncpg.connect(admin_url)
+        try:
+            await admin.execute(f'CREATE DATABASE "{dbname.replace(chr(34), "")}"')
+        except asyncpg.exceptions.DuplicateDatabaseError:
+            pass  # another replica created it first
+        finally:
+            await admin.close()
+    else:
+        await conn.close()
+
+
+@dataclass(frozen=True, slots=True)
+class Tx:
+    """One open transaction. Every method runs one named query."""
+
+    conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+
+    async def fetch(self, name: str, *args: Any) -> list[Record]:
+        return list(await self.conn.fetch(QUERIES[name], *args))
+
+    async def fetchrow(self, name: str, *args: Any) -> Record | None:
+        row: Record | None = await self.conn.fetchrow(QUERIES[name], *args)
+        return row
+
+    async def fetchval(self, name: str, *args: Any) -> Any:
+        return await self.conn.fetchval(QUERIES[name], *args)
+
+    async def execute(self, name: str, *args: Any) -> str:
+        result: str = await self.conn.execute(QUERIES[name], *args)
+        return result
+
+    async def fetch_sql(self, sql: str, args: Sequence[Any]) -> list[Record]:
+        """Run SQL compiled by `image_service.query` (identifiers whitelisted, values bound)."""
+        return list(await self.conn.fetch(sql, *args))
+
+    async def fetchval_sql(self, sql: str, args: Sequence[Any]) -> Any:
+        return await self.conn.fetchval(sql, *args)
+
+    @asynccontextmanager
+    async def savepoint(self) -> AsyncIterator[Tx]:
+        async with self.conn.transaction():
+            yield self
+
+
+class Store:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    @classmethod
+    async def open(cls, database_url: str, *, min_size: int = 2, max_size: int = 10) -> Store:
+        await ensure_database(database_url)
+        pool = await asyncpg.create_pool(
+            database_url, min_size=min_size, max_size=max_size, init=_init_connection
+        )
+        assert pool is not None
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def migrate(self) -> None:
+        schema = resources.files("image_service").joinpath("sql/schema.sql").read_text()
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK_KEY)
+            await conn.execute(schema)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Tx]:
+        async with self.pool.acquire() as conn, conn.transaction():
+            yield Tx(conn)
