@@ -29,6 +29,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[str | None, Settings]:
         default=float(os.environ.get("IMAGE_RESEND_AFTER", defaults.resend_after)),
         help="seconds before an unanswered agent command is sent again (default 30)",
     )
+    parser.add_argument(
+        "--monitor-interval",
+        type=float,
+        default=float(os.environ.get("IMAGE_MONITOR_INTERVAL", defaults.monitor_interval)),
+        help="seconds between heartbeat checks and lease sweeps (default 1)",
+    )
     parser.add_argument("--log-level", default=os.environ.get("IMAGE_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
     logging.basicConfig(
@@ -40,6 +46,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[str | None, Settings]:
         database_url=args.database_url,
         namespace=args.namespace,
         resend_after=args.resend_after,
+        monitor_interval=args.monitor_interval,
     )
     return args.command, settings
 

@@ -193,7 +193,8 @@ class ImageService:
             return error_reply(name, ApiError(ErrorCode.UNKNOWN_API, f"{name!r}; known: {known}"))
         try:
             try:
-                params = api.model.model_validate(envelope.params)
+                # JSON-mode validation: strict types, with enums given as their strings.
+                params = api.model.model_validate_json(json.dumps(envelope.params))
             except ValidationError as exc:
                 raise ApiError(ErrorCode.INVALID_ARGUMENT, validation_details(exc)) from None
             async with ctx.tx.savepoint():

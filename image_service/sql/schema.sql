@@ -111,7 +111,7 @@ CREATE TABLE IF NOT EXISTS inbox (
     reply_to       text,
     correlation_id text,
     image_uuid     char(32),
-    reply          jsonb,
+    reply          json,
     received_at    timestamptz NOT NULL DEFAULT now(),
     finished_at    timestamptz
 );
@@ -130,7 +130,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     id             bigserial PRIMARY KEY,
     exchange       text NOT NULL DEFAULT '',
     routing_key    text NOT NULL,
-    body           jsonb NOT NULL,
+    body           json NOT NULL,
     correlation_id text,
     message_id     text,
     persistent     boolean NOT NULL DEFAULT true,
