@@ -1,0 +1,428 @@
+"""Fixtures shared by the integration tests: real RabbitMQ, PostgreSQL, service and agent
+processes, and a real HTTP server, isolated per test by a namespace and a database of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import asyncpg
+import pytest
+import pytest_asyncio
+from aiohttp import web
+
+from image_service.bus import ApiClient
+from image_service.names import Names
+
+AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+PG_URL = os.environ.get("TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432")
+HEARTBEAT = 0.5
+
+
+async def wait_for(
+    predicate: Callable[[], Awaitable[Any]], timeout: float = 20.0, interval: float = 0.1
+) -> Any:
+    """Poll `predicate` until it returns a truthy value; fail the test after `timeout`."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = await predicate()
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s (last value: {last!r})")
+
+
+# --- the HTTP server that serves images --------------------------------------------------
+
+
+@dataclass
+class FileServer:
+    """A real aiohttp server on 127.0.0.1 serving files, plus misbehaving routes:
+    /truncated/NAME (promises the whole file, sends half, closes), /stall/NAME (sends a little,
+    then nothing), /slow/NAME?rate=BYTES_PER_S (throttled)."""
+
+    directory: Path
+    port: int = 0
+    runner: web.AppRunner | None = None
+    hits: dict[str, int] = field(default_factory=dict)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{path.lstrip('/')}"
+
+    def add(self, name: str, data: bytes) -> tuple[str, str]:
+        """Write a file; returns (url, md5)."""
+        (self.directory / name).write_bytes(data)
+        return self.url(f"files/{name}"), hashlib.md5(data).hexdigest()
+
+    def add_qcow2(self, name: str, virtual_size: str = "64M") -> tuple[str, str]:
+        path = self.directory / name
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", str(path), virtual_size], check=True
+        )
+        return self.url(f"files/{name}"), hashlib.md5(path.read_bytes()).hexdigest()
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/files/{name}", self._file)
+        app.router.add_get("/truncated/{name}", self._truncated)
+        app.router.add_get("/stall/{name}", self._stall)
+        app.router.add_get("/slow/{name}", self._slow)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        server = site._server
+        assert server is not None and server.sockets
+        self.port = server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    def _path(self, request: web.Request) -> Path:
+        name = request.match_info["name"]
+        self.hits[name] = self.hits.get(name, 0) + 1
+        path = self.directory / name
+        if "/" in name or not path.is_file():
+            raise web.HTTPNotFound()
+        return path
+
+    async def _file(self, request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(self._path(request))
+
+    async def _truncated(self, request: web.Request) -> web.StreamResponse:
+        data = self._path(request).read_bytes()
+        response = web.StreamResponse(headers={"Content-Length": str(len(data))})
+        await response.prepare(request)
+        await response.write(data[: len(data) // 2])
+        assert request.transport is not None
+        request.transport.close()
+        return response
+
+    async def _stall(self, request: web.Request) -> web.StreamResponse:
+        data = self._path(request).read_bytes()
+        response = web.StreamResponse(headers={"Content-Length": str(len(data))})
+        await response.prepare(request)
+        await response.write(data[:1024])
+        await asyncio.sleep(3600)
+        return response
+
+    async def _slow(self, request: web.Request) -> web.StreamResponse:
+        data = self._path(request).read_bytes()
+        rate = int(request.query.get("rate", str(256 * 1024)))
+        response = web.StreamResponse(headers={"Content-Length": str(len(data))})
+        await response.prepare(request)
+        step = max(1, rate // 10)
+        for offset in range(0, len(data), step):
+            await response.write(data[offset : offset + step])
+            await asyncio.sleep(0.1)
+        await response.write_eof()
+        return response
+
+
+# --- processes ---------------------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    name: str
+    args: list[str]
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
+        self.process = subprocess.Popen(
+            self.args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        log.close()
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: the crash case."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def terminate(self, timeout: float = 30) -> int | None:
+        """SIGTERM: the graceful case; returns the exit code."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        return self.process.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@dataclass
+class Agent:
+    proc: Proc
+    root: Path
+    name: str
+    uuid: str = ""
+
+    def files(self) -> list[Path]:
+        """Every stored or partial file (the identity and journal excluded)."""
+        found = [p for p in (self.root / "templates").rglob("*") if p.is_file()]
+        found += [p for p in (self.root / ".agent" / "partial").glob("*") if p.is_file()]
+        return sorted(found)
+
+
+@dataclass
+class Stack:
+    """One isolated deployment: namespace, database, service replicas, agents, HTTP server."""
+
+    namespace: str
+    database_url: str
+    workdir: Path
+    http: FileServer
+    client: ApiClient
+    db: asyncpg.Connection
+    services: list[Proc] = field(default_factory=list)
+    agents: list[Agent] = field(default_factory=list)
+
+    @property
+    def names(self) -> Names:
+        return Names(self.namespace)
+
+    def start_service(self, *extra: str) -> Proc:
+        index = len(self.services)
+        proc = Proc(
+            f"service{index}",
+            [
+                sys.executable,
+                "-m",
+                "image_service.main",
+                "--amqp-url",
+                AMQP_URL,
+                "--database-url",
+                self.database_url,
+                "--namespace",
+                self.namespace,
+                "--monitor-interval",
+                "0.2",
+                "--resend-after",
+                "3",
+                *extra,
+            ],
+            self.workdir / f"service{index}.log",
+        )
+        proc.start()
+        self.services.append(proc)
+        return proc
+
+    def restart(self, proc: Proc) -> None:
+        proc.start()
+
+    async def start_agent(
+        self, name: str | None = None, *extra: str, root: Path | None = None, wait: bool = True
+    ) -> Agent:
+        name = name or f"bs{len(self.agents)}"
+        root = root or self.workdir / name
+        root.mkdir(parents=True, exist_ok=True)
+        proc = Proc(
+            f"agent-{name}",
+            [
+                sys.executable,
+                "-m",
+                "backup_agent.main",
+                "--root",
+                str(root),
+                "--name",
+                name,
+                "--amqp-url",
+                AMQP_URL,
+                "--namespace",
+                self.namespace,
+                "--heartbeat-interval",
+                str(HEARTBEAT),
+                "--stall-timeout",
+                "3",
+                "--connect-timeout",
+                "3",
+                *extra,
+            ],
+            self.workdir / f"agent-{name}.log",
+        )
+        proc.start()
+        agent = Agent(proc, root, name)
+        self.agents.append(agent)
+        if wait:
+            await self.wait_connected(agent)
+        return agent
+
+    async def wait_connected(self, agent: Agent, timeout: float = 20) -> dict[str, Any]:
+        identity = agent.root / ".agent" / "identity.json"
+
+        async def connected() -> dict[str, Any] | None:
+            if not agent.uuid and identity.exists():
+                with contextlib.suppress(ValueError):
+                    agent.uuid = json.loads(identity.read_text())["uuid"]
+            if not agent.uuid:
+                return None
+            return await self.bs_status(agent.uuid, "Connected")
+
+        result: dict[str, Any] = await wait_for(connected, timeout)
+        return result
+
+    async def bs_status(self, bs_uuid: str, status: str) -> dict[str, Any] | None:
+        reply = await self.client.call(
+            "QueryBackupStorage",
+            {"conditions": [{"name": "uuid", "op": "=", "value": bs_uuid}]},
+            timeout=10,
+        )
+        inventories = reply.get("inventories") or []
+        if inventories and inventories[0]["status"] == status:
+            return dict(inventories[0])
+        return None
+
+    async def call(
+        self, api: str, params: dict[str, Any] | None = None, **kw: Any
+    ) -> dict[str, Any]:
+        kw.setdefault("timeout", 60)
+        return await self.client.call(api, params or {}, **kw)
+
+    async def add_image(self, url: str, agents: list[Agent], **params: Any) -> dict[str, Any]:
+        body = {
+            "name": params.pop("name", "image"),
+            "url": url,
+            "format": params.pop("format", "raw"),
+            "backupStorageUuids": [a.uuid for a in agents],
+            **params,
+        }
+        return await self.call("AddImage", body)
+
+    async def image_row(self, image_uuid: str) -> asyncpg.Record | None:
+        return await self.db.fetchrow("SELECT * FROM image WHERE uuid = $1", image_uuid)
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    """A fresh deployment with one service replica running and no agents yet."""
+    namespace = f"t{uuid.uuid4().hex[:12]}"
+    dbname = f"images_{namespace}"
+    database_url = f"{PG_URL}/{dbname}"
+    http = FileServer(tmp_path / "www")
+    http.directory.mkdir()
+    await http.start()
+    stack_: Stack | None = None
+    client = ApiClient(AMQP_URL, Names(namespace))
+    await client.connect()
+    try:
+        service_proc_stack = Stack(
+            namespace,
+            database_url,
+            tmp_path,
+            http,
+            client,
+            None,  # type: ignore[arg-type]
+        )
+        service_proc_stack.start_service()
+        # The service creates its database and schema; wait for it before connecting.
+        db = await wait_for(lambda: _try_connect(database_url), timeout=30)
+        service_proc_stack.db = db
+        await wait_for(lambda: _schema_ready(db), timeout=30)
+        stack_ = service_proc_stack
+        yield stack_
+    finally:
+        if stack_ is not None:
+            for agent in stack_.agents:
+                agent.proc.kill()
+            for proc in stack_.services:
+                proc.kill()
+            if os.environ.get("TEST_SHOW_LOGS"):
+                for proc in [*stack_.services, *(a.proc for a in stack_.agents)]:
+                    print(f"===== {proc.name}\n{proc.log()}")
+            with contextlib.suppress(Exception):
+                await stack_.db.close()
+        await client.close()
+        await http.stop()
+        await _drop_namespace(namespace, [a.uuid for a in (stack_.agents if stack_ else [])])
+        await _drop_database(dbname)
+
+
+async def _try_connect(url: str) -> asyncpg.Connection | None:
+    try:
+        return await asyncpg.connect(url)
+    except (OSError, asyncpg.PostgresError):
+        return None
+
+
+async def _schema_ready(db: asyncpg.Connection) -> bool:
+    return bool(await db.fetchval("SELECT to_regclass('public.user_tag') IS NOT NULL"))
+
+
+async def _drop_database(dbname: str) -> None:
+    with contextlib.suppress(Exception):
+        admin = await asyncpg.connect(f"{PG_URL}/postgres")
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+async def _drop_namespace(namespace: str, agent_uuids: list[str]) -> None:
+    names = Names(namespace)
+    with contextlib.suppress(Exception):
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection:
+            for queue in [
+                names.api,
+                names.results,
+                names.heartbeats,
+                names.dead_letters,
+                *(names.agent(u) for u in agent_uuids if u),
+            ]:
+                channel = await connection.channel()
+                with contextlib.suppress(Exception):
+                    await channel.queue_delete(queue)
+            for exchange in (names.events, names.dead_letters):
+                channel = await connection.channel()
+                with contextlib.suppress(Exception):
+                    await channel.exchange_delete(exchange)
+
+
+@pytest.fixture
+def events_recorder() -> Callable[[], EventRecorder]:
+    return EventRecorder
+
+
+class EventRecorder:
+    """Collects events from `NS.events` (subscribe via `stack.client.subscribe`)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, dict[str, Any]]] = []
+
+    async def __call__(self, key: str, body: dict[str, Any]) -> None:
+        self.events.append((key, body))
+
+    def keys(self) -> list[str]:
+        return [k for k, _ in self.events]
+
+    def of(self, prefix: str) -> list[dict[str, Any]]:
+        return [b for k, b in self.events if k.startswith(prefix)]
