@@ -146,7 +146,7 @@ class Proc:
     process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
+        log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             self.args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
