@@ -48,6 +48,19 @@ class Incoming:
 Handler = Callable[[Incoming], Awaitable[None]]
 
 
+class PublishRejected(Exception):
+    """The broker refused this very message (an unknown reply-to, a closed channel in answer
+    to it): retrying it forever would wedge whatever is queued behind it."""
+
+
+# Broker answers to a publish that blame the message rather than the network.
+_REJECTIONS: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.ConnectionInternalError,
+    aiormq.exceptions.AMQPChannelError,
+    aiormq.exceptions.DeliveryError,
+)
+
+
 class RetryLater(Exception):
     """Raised by a handler when a dependency (the database) is unavailable: requeue, no ack."""
 
@@ -60,6 +73,9 @@ class Bus:
         self.connection_name = connection_name
         self.names = names
         self.connection: AbstractRobustConnection | None = None
+        # Publishing has a connection of its own: a reply the broker rejects by closing the
+        # connection (RabbitMQ does so for a forged direct reply-to) must not drop consumers.
+        self.publish_connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractChannel | None = None
         self._consume_channels: list[AbstractChannel] = []
         # Strong references: connect_robust only restores what is still referenced.
@@ -68,12 +84,20 @@ class Bus:
         self._events: AbstractExchange | None = None
         self._declared_agent_queues: set[str] = set()
         self._inflight: set[asyncio.Task[None]] = set()
+        self._stopping = False
 
     async def connect(self) -> None:
         self.connection = await aio_pika.connect_robust(
-            self.amqp_url, client_properties={"connection_name": self.connection_name}
+            self.amqp_url,
+            client_properties={"connection_name": self.connection_name},
+            reconnect_interval=1,
         )
-        self._publish_channel = await self.connection.channel(publisher_confirms=True)
+        self.publish_connection = await aio_pika.connect_robust(
+            self.amqp_url,
+            client_properties={"connection_name": f"{self.connection_name} (publish)"},
+            reconnect_interval=1,
+        )
+        self._publish_channel = await self.publish_connection.channel(publisher_confirms=True)
 
     def _channel(self) -> AbstractChannel:
         assert self._publish_channel is not None, "Bus.connect() first"
@@ -153,7 +177,10 @@ class Bus:
             target = self._events
         else:
             target = await channel.get_exchange(exchange, ensure=False)
-        await target.publish(message, routing_key=routing_key, timeout=PUBLISH_TIMEOUT)
+        try:
+            await target.publish(message, routing_key=routing_key, timeout=PUBLISH_TIMEOUT)
+        except _REJECTIONS as exc:
+            raise PublishRejected(f"{routing_key}: {exc!r}") from exc
 
     async def consume(self, queue_name: str, handler: Handler, *, prefetch: int = 16) -> None:
         """Consume `queue_name` on a channel of its own, `prefetch` deliveries at a time."""
@@ -186,18 +213,27 @@ class Bus:
             routing_key=message.routing_key,
             redelivered=bool(message.redelivered),
         )
-        try:
-            await handler(incoming)
-        except RetryLater as exc:
-            log.warning("requeueing %s: %s", message.message_id, exc)
-            await asyncio.sleep(1.0)
-            await self._settle(message, ack=False)
-        except Exception:
-            log.exception("handler failed for %s; requeueing", message.message_id)
-            await asyncio.sleep(0.5)
-            await self._settle(message, ack=False)
-        else:
+        delay = 0.5
+        while True:
+            try:
+                await handler(incoming)
+            except RetryLater as exc:
+                # A dependency is down: keep the delivery and try again, so that an outage
+                # does not count toward the queue's delivery limit and park good messages.
+                if self._stopping:
+                    await self._settle(message, ack=False)
+                    return
+                log.warning("retrying %s: %s", message.message_id, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            except Exception:
+                log.exception("handler failed for %s; requeueing", message.message_id)
+                await asyncio.sleep(0.5)
+                await self._settle(message, ack=False)
+                return
             await self._settle(message, ack=True)
+            return
 
     @staticmethod
     async def _settle(message: AbstractIncomingMessage, *, ack: bool) -> None:
@@ -210,6 +246,7 @@ class Bus:
 
     async def stop_consuming(self, drain_timeout: float = 30.0) -> None:
         """Stop taking deliveries, then wait for the ones being handled to settle."""
+        self._stopping = True
         for queue, tag in self._consumer_tags:
             with contextlib.suppress(Exception):
                 await queue.cancel(tag)
@@ -223,8 +260,9 @@ class Bus:
         return int(count or 0)
 
     async def close(self) -> None:
-        if self.connection is not None:
-            await self.connection.close()
+        for connection in (self.connection, self.publish_connection):
+            if connection is not None:
+                await connection.close()
 
 
 class ApiClient:

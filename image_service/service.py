@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from image_service.api import APIS, AwaitOps
-from image_service.bus import Bus, Incoming, RetryLater
+from image_service.bus import Bus, Incoming, PublishRejected, RetryLater
 from image_service.errors import ApiError, ErrorCode
 from image_service.lifecycle import backup_storage_inventory
 from image_service.models import AgentResult, Envelope, Heartbeat
@@ -239,8 +239,6 @@ class ImageService:
         except ValidationError as exc:
             log.warning("malformed heartbeat dropped: %s", validation_details(exc))
             return
-        if beat.sentAt is not None and time.time() - beat.sentAt > 2 * beat.heartbeatInterval:
-            return  # stale: it waited in the queue while this service was away
         async with self._transaction() as ctx:
             row = await ctx.tx.fetchrow(
                 "bs_heartbeat",
@@ -324,8 +322,10 @@ class ImageService:
         async with self.store.transaction() as tx:
             rows = await tx.fetch("outbox_take", 100)
             done: list[int] = []
+            current: int | None = None
             try:
                 for row in rows:
+                    current = row["id"]
                     await self.bus.publish(
                         row["exchange"],
                         row["routing_key"],
@@ -335,6 +335,15 @@ class ImageService:
                         persistent=row["persistent"],
                     )
                     done.append(row["id"])
+            except PublishRejected as exc:
+                log.warning("relay: the broker refused a message: %s", exc)
+                await tx.execute("outbox_delete", done)
+                refused = await tx.fetchrow("outbox_rejected", current)
+                if refused is not None and refused["rejections"] >= 2:
+                    log.error("relay: dropping undeliverable message to %s", refused["routing_key"])
+                    await tx.execute("outbox_delete", [current])
+                await asyncio.sleep(0.5)
+                return 0
             except Exception as exc:  # broker trouble: keep the rest for the next round
                 log.warning("relay: publish failed, will retry: %r", exc)
                 await tx.execute("outbox_delete", done)

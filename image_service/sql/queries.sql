@@ -45,6 +45,11 @@ FROM outbox ORDER BY id
 FOR UPDATE SKIP LOCKED
 LIMIT $1;
 
+-- name: outbox_rejected
+-- The broker refused this row; the relay gives up on it at the second refusal.
+UPDATE outbox SET rejections = rejections + 1 WHERE id = $1
+RETURNING rejections, routing_key;
+
 -- name: outbox_delete
 DELETE FROM outbox WHERE id = ANY($1::bigint[]);
 

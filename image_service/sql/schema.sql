@@ -134,6 +134,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     correlation_id text,
     message_id     text,
     persistent     boolean NOT NULL DEFAULT true,
+    rejections     integer NOT NULL DEFAULT 0,
     created_at     timestamptz NOT NULL DEFAULT now()
 );
 
