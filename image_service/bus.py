@@ -125,6 +125,12 @@ class Bus:
         await channel.declare_queue(
             self.names.api, durable=True, arguments=self.work_queue_arguments()
         )
+        volume_events = await channel.declare_queue(
+            self.names.volume_events, durable=True, arguments=self.work_queue_arguments()
+        )
+        assert self._events is not None
+        for key in ("volume.*.*", "volumeSnapshot.*.*"):
+            await volume_events.bind(self._events, routing_key=key)
 
     async def declare_agent_topology(self, backup_storage_uuid: str) -> None:
         await self._declare_shared()

@@ -212,6 +212,37 @@ class AgentResult(BaseModel):
     details: str | None = None
 
 
+VolumeType = Literal["Root", "Data"]
+OptionalUuid = Uuid | None
+Path = Annotated[str, Field(max_length=4096)]
+
+
+class VolumeEvent(BaseModel):
+    """A volume fact from the volume service (`volume.created|updated|deleted.UUID`)."""
+
+    model_config = ConfigDict(extra="ignore")
+    uuid: Uuid
+    name: Annotated[str, Field(max_length=255)] | None = None
+    type: VolumeType | None = None
+    vmInstanceUuid: OptionalUuid = None
+    rootImageUuid: OptionalUuid = None
+    primaryStorageUuid: OptionalUuid = None
+    installPath: Path | None = None
+    format: Annotated[str, Field(max_length=32)] | None = None
+    size: Annotated[int, Field(ge=0, lt=2**63)] | None = None
+
+
+class SnapshotEvent(BaseModel):
+    """A snapshot fact (`volumeSnapshot.created|deleted.UUID`)."""
+
+    model_config = ConfigDict(extra="ignore")
+    uuid: Uuid
+    volumeUuid: OptionalUuid = None
+    installPath: Path | None = None
+    format: Annotated[str, Field(max_length=32)] | None = None
+    size: Annotated[int, Field(ge=0, lt=2**63)] | None = None
+
+
 class Heartbeat(BaseModel):
     """What an agent publishes on `NS.heartbeats` every interval."""
 

@@ -29,5 +29,10 @@ class Names:
     def dead_letters(self) -> str:
         return f"{self.namespace}.dead"
 
+    @property
+    def volume_events(self) -> str:
+        """The service's queue of `volume.*` and `volumeSnapshot.*` events."""
+        return f"{self.namespace}.volume-events"
+
     def agent(self, backup_storage_uuid: str) -> str:
         return f"{self.namespace}.agent.{backup_storage_uuid}"

@@ -29,6 +29,16 @@ class Column:
     sql: str
     kind: Kind
     choices: tuple[str, ...] = ()
+    pg_enum: str | None = None  # the PostgreSQL ENUM type, so comparisons can use indexes
+
+    @property
+    def value_type(self) -> str:
+        """The SQL type values are cast to before comparison with this column."""
+        if self.pg_enum:
+            return self.pg_enum
+        return {Kind.INT: "bigint", Kind.BOOL: "boolean", Kind.DATE: "timestamptz"}.get(
+            self.kind, "text"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +59,8 @@ class Entity:
     tag_exists: str | None = None
 
 
-def _c(sql: str, kind: Kind, *choices: str) -> Column:
-    return Column(sql, kind, choices)
+def _c(sql: str, kind: Kind, *choices: str, pg_enum: str | None = None) -> Column:
+    return Column(sql, kind, choices, pg_enum)
 
 
 BACKUP_STORAGE = Entity(
@@ -62,8 +72,10 @@ BACKUP_STORAGE = Entity(
         "url": _c("url", Kind.TEXT),
         "hostname": _c("hostname", Kind.TEXT),
         "type": _c("type", Kind.TEXT),
-        "state": _c("state", Kind.ENUM, "Enabled", "Disabled"),
-        "status": _c("status", Kind.ENUM, "Connecting", "Connected", "Disconnected"),
+        "state": _c("state", Kind.ENUM, "Enabled", "Disabled", pg_enum="bs_state"),
+        "status": _c(
+            "status", Kind.ENUM, "Connecting", "Connected", "Disconnected", pg_enum="bs_status"
+        ),
         "totalCapacity": _c("total_capacity", Kind.INT),
         "availableCapacity": _c("available_capacity", Kind.INT),
         "createDate": _c("create_date", Kind.DATE),
@@ -77,11 +89,30 @@ BACKUP_STORAGE_REF = Entity(
         "imageUuid": _c("image_uuid", Kind.TEXT),
         "backupStorageUuid": _c("backup_storage_uuid", Kind.TEXT),
         "installPath": _c("install_path", Kind.TEXT),
-        "status": _c("status", Kind.ENUM, "Creating", "Downloading", "Ready"),
+        "status": _c(
+            "status", Kind.ENUM, "Creating", "Downloading", "Ready", pg_enum="image_status"
+        ),
         "createDate": _c("create_date", Kind.DATE),
         "lastOpDate": _c("last_op_date", Kind.DATE),
     },
     default_order=("createDate", "imageUuid"),
+)
+
+VOLUME = Entity(
+    table="volume",
+    columns={
+        "uuid": _c("uuid", Kind.TEXT),
+        "name": _c("name", Kind.TEXT),
+        "type": _c("type", Kind.ENUM, "Root", "Data"),
+        "vmInstanceUuid": _c("vm_instance_uuid", Kind.TEXT),
+        "rootImageUuid": _c("root_image_uuid", Kind.TEXT),
+        "primaryStorageUuid": _c("primary_storage_uuid", Kind.TEXT),
+        "installPath": _c("install_path", Kind.TEXT),
+        "format": _c("format", Kind.TEXT),
+        "size": _c("size", Kind.INT),
+        "createDate": _c("create_date", Kind.DATE),
+        "lastOpDate": _c("last_op_date", Kind.DATE),
+    },
 )
 
 IMAGE = Entity(
@@ -90,8 +121,10 @@ IMAGE = Entity(
         "uuid": _c("uuid", Kind.TEXT),
         "name": _c("name", Kind.TEXT),
         "description": _c("description", Kind.TEXT),
-        "state": _c("state", Kind.ENUM, "Enabled", "Disabled"),
-        "status": _c("status", Kind.ENUM, "Creating", "Downloading", "Ready"),
+        "state": _c("state", Kind.ENUM, "Enabled", "Disabled", pg_enum="image_state"),
+        "status": _c(
+            "status", Kind.ENUM, "Creating", "Downloading", "Ready", pg_enum="image_status"
+        ),
         "size": _c("size", Kind.INT),
         "actualSize": _c("actual_size", Kind.INT),
         "virtualSize": _c("virtual_size", Kind.INT),
@@ -115,6 +148,10 @@ IMAGE = Entity(
         "backupStorageRef": Nested(
             BACKUP_STORAGE_REF,
             "SELECT 1 FROM image_backup_storage_ref {n} WHERE {n}.image_uuid = {a}.uuid",
+        ),
+        "volume": Nested(
+            VOLUME,
+            "SELECT 1 FROM volume {n} WHERE {n}.root_image_uuid = {a}.uuid AND NOT {n}.deleted",
         ),
     },
     tag_exists="SELECT 1 FROM user_tag t_ WHERE t_.resource_uuid = {a}.uuid",
@@ -197,8 +234,7 @@ class _Compiler:
 
     def predicate(self, ref: str, name: str, column: Column, op: str, value: Any) -> str:
         col = f"{ref}.{column.sql}"
-        if column.kind is Kind.ENUM:
-            col = f"{col}::text"
+        typ = column.value_type
         if op == "is null":
             return f"{col} IS NULL"
         if op == "not null":
@@ -207,25 +243,21 @@ class _Compiler:
             items = value.split(",") if isinstance(value, str) else value
             if not isinstance(items, list) or not items or len(items) > 1000:
                 raise _bad(f"conditions: {name}: {op} takes a non-empty list")
-            cast = [cast_value(name, column, item) for item in items]
-            sql_type = {Kind.INT: "bigint", Kind.BOOL: "boolean", Kind.DATE: "timestamptz"}.get(
-                column.kind, "text"
-            )
-            placeholder = self.bind(cast)
+            placeholder = self.bind([cast_value(name, column, item) for item in items])
             if op == "?=":
-                return f"{col} = ANY({placeholder}::{sql_type}[])"
-            return f"NOT ({col} = ANY({placeholder}::{sql_type}[]))"
+                return f"{col} = ANY({placeholder}::{typ}[])"
+            return f"NOT ({col} = ANY({placeholder}::{typ}[]))"
         if op in ("~=", "!~="):
-            if not isinstance(value, str):
+            if not isinstance(value, str) or len(value) > 4096 or "\x00" in value:
                 raise _bad(f"conditions: {name}: {op} takes a string pattern")
-            if column.kind is not Kind.TEXT and column.kind is not Kind.ENUM:
-                col = f"{col}::text"
+            text = col if column.kind is Kind.TEXT else f"{col}::text"
             placeholder = self.bind(value)
-            return f"{col} LIKE {placeholder}" if op == "~=" else f"{col} NOT LIKE {placeholder}"
+            return f"{text} LIKE {placeholder}" if op == "~=" else f"{text} NOT LIKE {placeholder}"
         if op in COMPARISONS:
             if value is None:
                 raise _bad(f"conditions: {name}: a value is required for {op}")
-            return f"{col} {COMPARISONS[op]} {self.bind(cast_value(name, column, value))}"
+            placeholder = self.bind(cast_value(name, column, value))
+            return f"{col} {COMPARISONS[op]} {placeholder}::{typ}"
         raise _bad(f"conditions: {name}: unknown op {op!r} (one of {', '.join(ALL_OPS)})")
 
     def condition(self, entity: Entity, ref: str, cond: Condition) -> str:

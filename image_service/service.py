@@ -26,7 +26,7 @@ from image_service.api import APIS, AwaitOps
 from image_service.bus import Bus, Incoming, PublishRejected, RetryLater
 from image_service.errors import ApiError, ErrorCode
 from image_service.lifecycle import backup_storage_inventory
-from image_service.models import AgentResult, Envelope, Heartbeat
+from image_service.models import AgentResult, Envelope, Heartbeat, SnapshotEvent, VolumeEvent
 from image_service.names import Names
 from image_service.operations import (
     Ctx,
@@ -114,6 +114,7 @@ class ImageService:
         prefetch = self.settings.prefetch
         await self.bus.consume(self.names.heartbeats, self.on_heartbeat, prefetch=prefetch)
         await self.bus.consume(self.names.results, self.on_result, prefetch=prefetch)
+        await self.bus.consume(self.names.volume_events, self.on_volume_event, prefetch=prefetch)
         await self.bus.consume(self.names.api, self.on_api, prefetch=prefetch)
         log.info("image service started (namespace %s)", self.settings.namespace)
 
@@ -257,6 +258,54 @@ class ImageService:
                 await self.bus.declare_agent_queue(beat.uuid)
                 await ctx.tx.execute("ops_resend_now", beat.uuid)
                 await self._emit_bs_status(ctx, beat.uuid, row["old_status"], "Connected")
+
+    async def on_volume_event(self, msg: Incoming) -> None:
+        """Keep the volume read model. Idempotent: replays change nothing, a deletion is a
+        tombstone that a late `created` cannot undo; a malformed event is logged and dropped."""
+        kind, _, rest = (msg.routing_key or "").partition(".")
+        action, _, key_uuid = rest.partition(".")
+        models: dict[str, type[VolumeEvent] | type[SnapshotEvent]] = {
+            "volume": VolumeEvent,
+            "volumeSnapshot": SnapshotEvent,
+        }
+        model = models.get(kind)
+        if model is None or action not in ("created", "updated", "deleted"):
+            log.warning("event %r dropped: not a volume event", msg.routing_key)
+            return
+        try:
+            event: VolumeEvent | SnapshotEvent = model.model_validate_json(msg.body)
+        except ValidationError as exc:
+            log.warning("malformed %s event dropped: %s", msg.routing_key, validation_details(exc))
+            return
+        if key_uuid and key_uuid != event.uuid:
+            log.warning("event %r dropped: body uuid %s differs", msg.routing_key, event.uuid)
+            return
+        async with self._transaction() as ctx:
+            if action == "deleted":
+                query = "volume_tombstone" if kind == "volume" else "snapshot_tombstone"
+                await ctx.tx.fetchrow(query, event.uuid)
+            elif isinstance(event, VolumeEvent):
+                await ctx.tx.fetchrow(
+                    "volume_upsert",
+                    event.uuid,
+                    event.name,
+                    event.type,
+                    event.vmInstanceUuid,
+                    event.rootImageUuid,
+                    event.primaryStorageUuid,
+                    event.installPath,
+                    event.format,
+                    event.size,
+                )
+            else:
+                await ctx.tx.fetchrow(
+                    "snapshot_upsert",
+                    event.uuid,
+                    event.volumeUuid,
+                    event.installPath,
+                    event.format,
+                    event.size,
+                )
 
     async def _emit_bs_status(self, ctx: Ctx, bs_uuid: str, old: str | None, new: str) -> None:
         rows = await ctx.tx.fetch("bs_inventories", [bs_uuid])

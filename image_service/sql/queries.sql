@@ -270,3 +270,51 @@ WHERE backup_storage_uuid = $1 AND status = 'Pending';
 -- name: ref_of_path_exists
 SELECT 1 FROM image_backup_storage_ref
 WHERE backup_storage_uuid = $1 AND install_path = $2 AND status = 'Ready';
+
+-- name: volume_upsert
+-- created/updated: insert or refresh, never reviving a tombstone.
+INSERT INTO volume AS v (uuid, name, type, vm_instance_uuid, root_image_uuid,
+                         primary_storage_uuid, install_path, format, size)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+ON CONFLICT (uuid) DO UPDATE SET
+    name = EXCLUDED.name,
+    type = EXCLUDED.type,
+    vm_instance_uuid = EXCLUDED.vm_instance_uuid,
+    root_image_uuid = EXCLUDED.root_image_uuid,
+    primary_storage_uuid = EXCLUDED.primary_storage_uuid,
+    install_path = EXCLUDED.install_path,
+    format = EXCLUDED.format,
+    size = EXCLUDED.size,
+    last_op_date = now()
+WHERE NOT v.deleted
+RETURNING uuid;
+
+-- name: volume_tombstone
+INSERT INTO volume AS v (uuid, deleted) VALUES ($1, true)
+ON CONFLICT (uuid) DO UPDATE SET deleted = true, last_op_date = now()
+WHERE NOT v.deleted
+RETURNING uuid;
+
+-- name: snapshot_upsert
+INSERT INTO volume_snapshot AS s (uuid, volume_uuid, install_path, format, size)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (uuid) DO UPDATE SET
+    volume_uuid = EXCLUDED.volume_uuid,
+    install_path = EXCLUDED.install_path,
+    format = EXCLUDED.format,
+    size = EXCLUDED.size,
+    last_op_date = now()
+WHERE NOT s.deleted
+RETURNING uuid;
+
+-- name: snapshot_tombstone
+INSERT INTO volume_snapshot AS s (uuid, deleted) VALUES ($1, true)
+ON CONFLICT (uuid) DO UPDATE SET deleted = true, last_op_date = now()
+WHERE NOT s.deleted
+RETURNING uuid;
+
+-- name: volume_get
+SELECT * FROM volume WHERE uuid = $1 AND NOT deleted;
+
+-- name: snapshot_get
+SELECT * FROM volume_snapshot WHERE uuid = $1 AND NOT deleted;

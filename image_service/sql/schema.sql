@@ -148,3 +148,33 @@ CREATE TABLE IF NOT EXISTS user_tag (
     last_op_date  timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS user_tag_resource_idx ON user_tag (resource_uuid);
+
+-- The read model of volumes and snapshots, kept from the volume service's events (§7).
+-- A deleted row stays as a tombstone so that a late or replayed `created` cannot revive it.
+CREATE TABLE IF NOT EXISTS volume (
+    uuid                 char(32) PRIMARY KEY,
+    name                 text,
+    type                 text CHECK (type IN ('Root', 'Data')),
+    vm_instance_uuid     char(32),
+    root_image_uuid      char(32),
+    primary_storage_uuid char(32),
+    install_path         text,
+    format               text,
+    size                 bigint,
+    deleted              boolean NOT NULL DEFAULT false,
+    create_date          timestamptz NOT NULL DEFAULT now(),
+    last_op_date         timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS volume_root_image_idx ON volume (root_image_uuid) WHERE NOT deleted;
+CREATE INDEX IF NOT EXISTS volume_vm_idx ON volume (vm_instance_uuid) WHERE NOT deleted;
+
+CREATE TABLE IF NOT EXISTS volume_snapshot (
+    uuid         char(32) PRIMARY KEY,
+    volume_uuid  char(32),
+    install_path text,
+    format       text,
+    size         bigint,
+    deleted      boolean NOT NULL DEFAULT false,
+    create_date  timestamptz NOT NULL DEFAULT now(),
+    last_op_date timestamptz NOT NULL DEFAULT now()
+);
