@@ -243,6 +243,44 @@ async def update_image(ctx: Ctx, p: models.UpdateImage) -> Outcome:
     return {"inventory": await image_inventory_of(ctx.tx, p.uuid)}
 
 
+PARAVIRTUAL_PLATFORMS = frozenset({"Linux", "Paravirtualization"})
+
+
+async def get_image_source(ctx: Ctx, p: models.GetImageSource) -> Outcome:
+    """Where a volume-creating service fetches an image from, and how the VM should use it."""
+    image = await ctx.tx.fetchrow("image_lock", p.uuid)
+    if image is None:
+        raise _not_found("image", p.uuid)
+    if image["state"] != "Enabled":
+        raise ApiError(ErrorCode.INVALID_STATE, f"image {p.uuid} is Disabled")
+    if image["status"] != Status.Ready:
+        raise ApiError(ErrorCode.INVALID_STATE, f"image {p.uuid} is {image['status']}, not Ready")
+    if image["system"] and not p.forSystemVm:
+        raise ApiError(
+            ErrorCode.INVALID_STATE, f"image {p.uuid} is a system image: appliance VMs only"
+        )
+    sources = [
+        {
+            "backupStorageUuid": ref["backup_storage_uuid"],
+            "hostname": ref["hostname"],
+            "installPath": ref["install_path"],
+        }
+        for ref in await ctx.tx.fetch("refs_of_image", p.uuid)
+        if ref["status"] == Status.Ready and ref["bs_status"] == "Connected"
+    ]
+    if not sources:
+        raise ApiError(
+            ErrorCode.NO_BACKUP_STORAGE, f"no Connected backup storage holds image {p.uuid}"
+        )
+    return {
+        "inventory": await image_inventory_of(ctx.tx, p.uuid),
+        "sources": sources,
+        "paravirtualization": image["platform"] in PARAVIRTUAL_PLATFORMS,
+        # Volumes of raw images are qcow2 too: they are thin clones of the image (seed doc).
+        "volumeFormat": "qcow2",
+    }
+
+
 def _project(inventories: list[dict[str, Any]], fields: tuple[str, ...] | None) -> list[Any]:
     if fields is None:
         return inventories
@@ -367,6 +405,7 @@ APIS: dict[str, Api] = {
     "ChangeImageState": Api(models.ChangeImageState, change_image_state),
     "UpdateImage": Api(models.UpdateImage, update_image),
     "QueryImage": Api(models.Query, query_image),
+    "GetImageSource": Api(models.GetImageSource, get_image_source),
     "QueryBackupStorage": Api(models.Query, query_backup_storage),
     "ChangeBackupStorageState": Api(models.ChangeBackupStorageState, change_backup_storage_state),
     "DeleteBackupStorage": Api(models.DeleteBackupStorage, delete_backup_storage),

@@ -145,6 +145,11 @@ class UpdateImage(Params):
     system: bool | None = None
 
 
+class GetImageSource(Params):
+    uuid: Uuid
+    forSystemVm: bool = False
+
+
 class Condition(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
     name: Annotated[str, Field(min_length=1, max_length=128)]

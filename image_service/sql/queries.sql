@@ -177,7 +177,7 @@ RETURNING install_path, status::text;
 
 -- name: refs_of_image
 SELECT r.backup_storage_uuid, r.install_path, r.status::text AS status,
-       bs.status::text AS bs_status
+       bs.status::text AS bs_status, bs.hostname
 FROM image_backup_storage_ref r JOIN backup_storage bs ON bs.uuid = r.backup_storage_uuid
 WHERE r.image_uuid = $1
 ORDER BY r.create_date, r.backup_storage_uuid;
