@@ -6,6 +6,7 @@ a caller may see, and never touches the broker: what it wants published goes to 
 
 from __future__ import annotations
 
+import random
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -62,15 +63,42 @@ def unusable_reason(bs: Any) -> tuple[ErrorCode, str] | None:
     return None
 
 
-async def add_image(ctx: Ctx, p: models.AddImage) -> Outcome:
-    rows = await ctx.tx.fetch("bs_get_many", p.backupStorageUuids)
-    found = {row["uuid"]: row for row in rows}
-    for bs_uuid in p.backupStorageUuids:
+@dataclass(frozen=True, slots=True)
+class NewImage:
+    """An image record to create, and how each backup storage should produce its file."""
+
+    uuid: str
+    name: str
+    description: str | None
+    status: Status
+    url: str
+    media_type: str
+    guest_os_type: str | None
+    platform: str
+    system: bool
+    format: str
+    expected_md5: str | None
+    op_kind: str
+    command: dict[str, Any]  # the agent command, less opId/backupStorageUuid/installPath
+
+
+async def choose_backup_storages(
+    ctx: Ctx, uuids: list[str] | None
+) -> tuple[list[Any], list[tuple[str, ErrorCode, str]]]:
+    """The usable backup storages among `uuids` (with the reasons the others are skipped), or,
+    with `uuids` omitted, one usable backup storage chosen at random."""
+    if uuids is None:
+        candidates = [bs for bs in await ctx.tx.fetch("bs_all") if unusable_reason(bs) is None]
+        if not candidates:
+            raise ApiError(ErrorCode.NO_BACKUP_STORAGE, "no backup storage can take the image")
+        return [random.choice(candidates)], []
+    found = {row["uuid"]: row for row in await ctx.tx.fetch("bs_get_many", uuids)}
+    for bs_uuid in uuids:
         if bs_uuid not in found:
             raise _not_found("backup storage", bs_uuid)
     usable: list[Any] = []
     skipped: list[tuple[str, ErrorCode, str]] = []
-    for bs_uuid in p.backupStorageUuids:
+    for bs_uuid in uuids:
         reason = unusable_reason(found[bs_uuid])
         if reason is None:
             usable.append(found[bs_uuid])
@@ -82,63 +110,171 @@ async def add_image(ctx: Ctx, p: models.AddImage) -> Outcome:
             "none of the backup storages can take the image",
             [{"backupStorageUuid": u, "code": c.value, "details": d} for u, c, d in skipped],
         )
-    image_uuid = p.resourceUuid or uuid.uuid4().hex
+    return usable, skipped
+
+
+async def create_image(
+    ctx: Ctx, image: NewImage, backup_storage_uuids: list[str] | None
+) -> Outcome:
+    """Record a new image and one op per backup storage; the reply waits for the agents."""
+    usable, skipped = await choose_backup_storages(ctx, backup_storage_uuids)
     inserted = await ctx.tx.fetchrow(
         "image_insert",
-        image_uuid,
-        p.name,
-        p.description,
-        Status.Downloading.value,
-        p.url,
-        p.mediaType.value,
-        p.guestOsType,
-        p.platform.value,
-        p.system,
-        p.effective_format.value,
-        p.md5Sum,
-        p.type,
+        image.uuid,
+        image.name,
+        image.description,
+        image.status.value,
+        image.url,
+        image.media_type,
+        image.guest_os_type,
+        image.platform,
+        image.system,
+        image.format,
+        image.expected_md5,
+        "zstack",
     )
     if inserted is None:
-        raise ApiError(ErrorCode.INVALID_ARGUMENT, f"resourceUuid: {image_uuid} already exists")
-    await ctx.tx.execute("inbox_set_image", ctx.message_id, image_uuid)
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, f"resourceUuid: {image.uuid} already exists")
+    await ctx.tx.execute("inbox_set_image", ctx.message_id, image.uuid)
     for bs_uuid, code, details in skipped:
         await ctx.tx.execute(
             "op_insert_failed",
             uuid.uuid4(),
-            "download",
+            image.op_kind,
             ctx.message_id,
-            image_uuid,
+            image.uuid,
             bs_uuid,
             code.value,
             details,
         )
     for bs in usable:
-        path = install_path(bs["url"], image_uuid, p.name)
-        await ctx.tx.execute("ref_insert", image_uuid, bs["uuid"], path, Status.Downloading.value)
-        op_id = str(uuid.uuid4())
+        path = install_path(bs["url"], image.uuid, image.name)
+        await ctx.tx.execute("ref_insert", image.uuid, bs["uuid"], path, image.status.value)
+        op_id = uuid.uuid4()
         command = {
-            "command": "download",
-            "opId": op_id,
-            "imageUuid": image_uuid,
+            **image.command,
+            "opId": str(op_id),
+            "imageUuid": image.uuid,
             "backupStorageUuid": bs["uuid"],
-            "url": p.url,
-            "format": p.effective_format.value,
+            "format": image.format,
             "installPath": path,
-            "md5Sum": p.md5Sum,
         }
         await ctx.tx.execute(
-            "op_insert",
-            uuid.UUID(op_id),
-            "download",
-            ctx.message_id,
-            image_uuid,
-            bs["uuid"],
-            command,
+            "op_insert", op_id, image.op_kind, ctx.message_id, image.uuid, bs["uuid"], command
         )
         await ctx.outbox.command(bs["uuid"], command)
-    inventory = await image_inventory_of(ctx.tx, image_uuid)
-    await emit_status(ctx, image_uuid, None, Status.Downloading, inventory)
+    inventory = await image_inventory_of(ctx.tx, image.uuid)
+    await emit_status(ctx, image.uuid, None, image.status, inventory)
     return AWAIT_OPS
+
+
+async def add_image(ctx: Ctx, p: models.AddImage) -> Outcome:
+    scheme = p.url.split("://", 1)[0].lower()
+    if scheme not in ("http", "https", "sftp"):
+        raise ApiError(ErrorCode.URL_NOT_ALLOWED, f"url: scheme {scheme!r} is not supported")
+    image = NewImage(
+        uuid=p.resourceUuid or uuid.uuid4().hex,
+        name=p.name,
+        description=p.description,
+        status=Status.Downloading,
+        url=p.url,
+        media_type=p.mediaType.value,
+        guest_os_type=p.guestOsType,
+        platform=p.platform.value,
+        system=p.system,
+        format=p.effective_format.value,
+        expected_md5=p.md5Sum,
+        op_kind="download",
+        command={"command": "download", "url": p.url, "md5Sum": p.md5Sum},
+    )
+    return await create_image(ctx, image, p.backupStorageUuids)
+
+
+TEMPLATE_FORMATS = frozenset({"qcow2", "raw"})
+
+
+def _template_source(kind: str, row: Any) -> tuple[str, str]:
+    """The source path and format of a volume or snapshot a template is made from."""
+    path, fmt = row["install_path"], row["format"]
+    if not path:
+        raise ApiError(ErrorCode.INVALID_STATE, f"{kind} {row['uuid']} has no installPath")
+    if fmt not in TEMPLATE_FORMATS:
+        raise ApiError(
+            ErrorCode.INVALID_STATE, f"{kind} {row['uuid']} has format {fmt!r}, not qcow2 or raw"
+        )
+    return str(path), str(fmt)
+
+
+def _template(
+    p: models.CreateTemplateParams, *, url: str, media_type: str, source: tuple[str, str]
+) -> NewImage:
+    path, fmt = source
+    root = p if isinstance(p, models.CreateRootTemplateParams) else None
+    return NewImage(
+        uuid=p.resourceUuid or uuid.uuid4().hex,
+        name=p.name,
+        description=p.description,
+        status=Status.Creating,
+        url=url,
+        media_type=media_type,
+        guest_os_type=root.guestOsType if root else None,
+        platform=root.platform.value if root else models.Platform.Linux.value,
+        system=root.system if root else False,
+        format=fmt,
+        expected_md5=None,
+        op_kind="create",
+        command={"command": "create", "source": path, "sourceFormat": fmt},
+    )
+
+
+async def create_root_template_from_volume(
+    ctx: Ctx, p: models.CreateRootVolumeTemplateFromRootVolume
+) -> Outcome:
+    volume = await ctx.tx.fetchrow("volume_get", p.rootVolumeUuid)
+    if volume is None:
+        raise _not_found("volume", p.rootVolumeUuid)
+    if volume["type"] != "Root":
+        raise ApiError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"rootVolumeUuid: volume {p.rootVolumeUuid} is a {volume['type']} volume, not Root",
+        )
+    image = _template(
+        p,
+        url=f"volume://{p.rootVolumeUuid}",
+        media_type="RootVolumeTemplate",
+        source=_template_source("volume", volume),
+    )
+    return await create_image(ctx, image, p.backupStorageUuids)
+
+
+async def create_root_template_from_snapshot(
+    ctx: Ctx, p: models.CreateRootVolumeTemplateFromVolumeSnapshot
+) -> Outcome:
+    snapshot = await ctx.tx.fetchrow("snapshot_get", p.snapshotUuid)
+    if snapshot is None:
+        raise _not_found("volume snapshot", p.snapshotUuid)
+    image = _template(
+        p,
+        url=f"volumeSnapshot://{p.snapshotUuid}",
+        media_type="RootVolumeTemplate",
+        source=_template_source("volume snapshot", snapshot),
+    )
+    return await create_image(ctx, image, p.backupStorageUuids)
+
+
+async def create_data_template_from_volume(
+    ctx: Ctx, p: models.CreateDataVolumeTemplateFromVolume
+) -> Outcome:
+    volume = await ctx.tx.fetchrow("volume_get", p.volumeUuid)
+    if volume is None:
+        raise _not_found("volume", p.volumeUuid)
+    image = _template(
+        p,
+        url=f"volume://{p.volumeUuid}",
+        media_type="DataVolumeTemplate",
+        source=_template_source("volume", volume),
+    )
+    return await create_image(ctx, image, p.backupStorageUuids)
 
 
 async def delete_image(ctx: Ctx, p: models.DeleteImage) -> Outcome:
@@ -406,6 +542,15 @@ APIS: dict[str, Api] = {
     "UpdateImage": Api(models.UpdateImage, update_image),
     "QueryImage": Api(models.Query, query_image),
     "GetImageSource": Api(models.GetImageSource, get_image_source),
+    "CreateRootVolumeTemplateFromRootVolume": Api(
+        models.CreateRootVolumeTemplateFromRootVolume, create_root_template_from_volume
+    ),
+    "CreateRootVolumeTemplateFromVolumeSnapshot": Api(
+        models.CreateRootVolumeTemplateFromVolumeSnapshot, create_root_template_from_snapshot
+    ),
+    "CreateDataVolumeTemplateFromVolume": Api(
+        models.CreateDataVolumeTemplateFromVolume, create_data_template_from_volume
+    ),
     "QueryBackupStorage": Api(models.Query, query_backup_storage),
     "ChangeBackupStorageState": Api(models.ChangeBackupStorageState, change_backup_storage_state),
     "DeleteBackupStorage": Api(models.DeleteBackupStorage, delete_backup_storage),

@@ -40,8 +40,8 @@ def _check_md5(value: str) -> str:
 
 
 def _check_url(value: str) -> str:
-    if not re.match(r"^(https?|sftp)://[^\s/]+", value):
-        raise ValueError("must be an http://, https:// or sftp:// url with a host")
+    if not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://[^\s/]+", value):
+        raise ValueError("must be a url: scheme://host/path")
     if any(ch in value for ch in "\x00\r\n\t "):
         raise ValueError("must not contain whitespace or control characters")
     return value
@@ -143,6 +143,42 @@ class UpdateImage(Params):
     platform: Platform | None = None
     mediaType: MediaType | None = None
     system: bool | None = None
+
+
+class CreateTemplateParams(Params):
+    """What the three Create*Template APIs share."""
+
+    name: Name
+    backupStorageUuids: UuidList | None = None
+    description: Description | None = None
+    resourceUuid: Uuid | None = None
+
+    @model_validator(mode="after")
+    def _distinct_storages(self) -> CreateTemplateParams:
+        uuids = self.backupStorageUuids or []
+        if len(set(uuids)) != len(uuids):
+            raise ValueError("backupStorageUuids: duplicate uuid")
+        return self
+
+
+class CreateRootTemplateParams(CreateTemplateParams):
+    platform: Platform = Platform.Linux
+    guestOsType: GuestOsType | None = None
+    system: bool = False
+
+
+class CreateRootVolumeTemplateFromRootVolume(CreateRootTemplateParams):
+    rootVolumeUuid: Uuid
+
+
+class CreateRootVolumeTemplateFromVolumeSnapshot(CreateRootTemplateParams):
+    snapshotUuid: Uuid
+
+
+class CreateDataVolumeTemplateFromVolume(CreateTemplateParams):
+    """The seed gives data templates no platform, guestOsType or system: they keep defaults."""
+
+    volumeUuid: Uuid
 
 
 class GetImageSource(Params):

@@ -165,6 +165,9 @@ async def _finalize_deletion(ctx: Ctx, inbox: Record) -> dict[str, Any]:
 Finalizer = Callable[[Ctx, Record], Awaitable[dict[str, Any]]]
 FINALIZERS: dict[str, Finalizer] = {
     "AddImage": _finalize_creation,
+    "CreateRootVolumeTemplateFromRootVolume": _finalize_creation,
+    "CreateRootVolumeTemplateFromVolumeSnapshot": _finalize_creation,
+    "CreateDataVolumeTemplateFromVolume": _finalize_creation,
     "DeleteImage": _finalize_deletion,
 }
 

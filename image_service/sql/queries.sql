@@ -88,6 +88,9 @@ RETURNING uuid;
 -- name: bs_get_many
 SELECT * FROM backup_storage WHERE uuid = ANY($1::text[]);
 
+-- name: bs_all
+SELECT * FROM backup_storage ORDER BY uuid;
+
 -- name: bs_lock
 SELECT * FROM backup_storage WHERE uuid = $1 FOR UPDATE;
 
