@@ -1,0 +1,125 @@
+"""Streaming to disk while hashing (`HashingWriter`) and the format sniffing before qemu-img."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from unittest import mock
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from backup_agent import transfer
+from backup_agent.fetchers import OpFailure
+from backup_agent.inspection import FOREIGN_MAGIC, ISO_MAGIC_OFFSET, sniff
+from backup_agent.transfer import HashingWriter, Received
+
+
+async def write_in_chunks(path: Path, data: bytes, sizes: list[int]) -> Received:
+    """Feed `data` to a writer in chunks of the given sizes (cycled), then finish."""
+    writer = HashingWriter(path)
+    offset, index = 0, 0
+    while offset < len(data):
+        size = sizes[index % len(sizes)]
+        await writer.write(data[offset : offset + size])
+        offset += size
+        index += 1
+    return await writer.finish()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=st.binary(max_size=64 * 1024),
+    sizes=st.lists(st.integers(min_value=1, max_value=16 * 1024), min_size=1, max_size=8),
+    min_chunk=st.sampled_from([1, 7, 4096, 1 << 20]),
+)
+def test_md5_size_and_content_equal_hashlibs(data: bytes, sizes: list[int], min_chunk: int) -> None:
+    # A small MIN_CHUNK exercises the hand-off to the worker thread with little data.
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(transfer, "MIN_CHUNK", min_chunk):
+        path = Path(tmp) / "image"
+        received = asyncio.run(write_in_chunks(path, data, sizes))
+        assert received == Received(len(data), hashlib.md5(data).hexdigest())
+        assert path.read_bytes() == data
+
+
+async def test_several_mib_in_uneven_chunks(tmp_path: Path) -> None:
+    data = os.urandom(5 * (1 << 20) + 12345)
+    path = tmp_path / "image"
+    received = await write_in_chunks(path, data, [65536, 1 << 20, 3, (4 << 20) + 1])
+    assert received.size == len(data)
+    assert received.md5 == hashlib.md5(data).hexdigest()
+    assert path.read_bytes() == data
+
+
+async def test_an_empty_image(tmp_path: Path) -> None:
+    received = await HashingWriter(tmp_path / "empty").finish()
+    assert received == Received(0, hashlib.md5(b"").hexdigest())
+    assert (tmp_path / "empty").read_bytes() == b""
+
+
+async def test_abort_closes_the_file(tmp_path: Path) -> None:
+    writer = HashingWriter(tmp_path / "partial")
+    await writer.write(os.urandom((1 << 20) + 1))
+    await writer.abort()
+    assert writer._file.closed
+
+
+# --- sniffing the declared format --------------------------------------------------------
+
+
+def test_a_qcow2_declared_raw_is_unsafe(tmp_path: Path) -> None:
+    path = tmp_path / "disk"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "1M"], check=True)
+    with pytest.raises(OpFailure) as excinfo:
+        sniff(path, "raw")
+    assert excinfo.value.code == "UNSAFE_IMAGE"
+    assert "qcow2" in excinfo.value.details
+    sniff(path, "qcow2")  # declared correctly it goes on to qemu-img
+
+
+@pytest.mark.parametrize(("magic", "name"), sorted(FOREIGN_MAGIC.items()))
+@pytest.mark.parametrize("declared", ["raw", "iso"])
+def test_foreign_magic_declared_raw_or_iso_is_unsafe(
+    tmp_path: Path, magic: bytes, name: str, declared: str
+) -> None:
+    path = tmp_path / "disk"
+    path.write_bytes(magic + bytes(ISO_MAGIC_OFFSET + 64))
+    with pytest.raises(OpFailure) as excinfo:
+        sniff(path, declared)
+    assert excinfo.value.code == "UNSAFE_IMAGE"
+    assert name in excinfo.value.details
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",
+        bytes(1 << 20),
+        b"CD001" + bytes(1 << 16),
+        bytes(ISO_MAGIC_OFFSET) + b"CD00",
+        bytes(ISO_MAGIC_OFFSET - 1) + b"CD001",
+    ],
+)
+def test_a_non_iso_declared_iso_is_unsafe(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "disk.iso"
+    path.write_bytes(content)
+    with pytest.raises(OpFailure) as excinfo:
+        sniff(path, "iso")
+    assert excinfo.value.code == "UNSAFE_IMAGE"
+
+
+def test_an_iso_9660_volume_declared_iso_passes(tmp_path: Path) -> None:
+    path = tmp_path / "disk.iso"
+    path.write_bytes(bytes(ISO_MAGIC_OFFSET) + b"CD001" + bytes(2048))
+    sniff(path, "iso")
+
+
+def test_plain_bytes_declared_raw_pass(tmp_path: Path) -> None:
+    path = tmp_path / "disk.raw"
+    path.write_bytes(b"\x00" * 512 + os.urandom(4096))
+    sniff(path, "raw")
