@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from backup_agent.conversion import flatten, hash_file, materialize, remove_tree
 from backup_agent.fetchers import FetchSettings, OpFailure
 from backup_agent.inspection import inspect_image
 from backup_agent.journal import Entry, Journal
 from backup_agent.layout import Layout, PathRejected, fsync_dir
-from backup_agent.transfer import receive
+from backup_agent.transfer import Progress, receive
 from image_service.bus import Bus, Incoming
 from image_service.names import Names
 
@@ -43,6 +44,7 @@ class AgentSettings:
     hostname: str = field(default_factory=socket.getfqdn)
     capacity: int | None = None
     max_downloads: int = 4
+    volume_roots: tuple[Path, ...] = ()
     fetch: FetchSettings = field(default_factory=FetchSettings)
 
 
@@ -82,8 +84,11 @@ class Agent:
         unfinished = [e for e in self.journal.entries() if e.result is None]
         keep = {str(uuid.UUID(e.op_id)) for e in unfinished}
         for partial in self.layout.partial.iterdir():
-            if partial.name not in keep:
-                partial.unlink(missing_ok=True)
+            if partial.name.split(".")[0] not in keep:
+                if partial.is_dir():
+                    remove_tree(partial)
+                else:
+                    partial.unlink(missing_ok=True)
         for entry in self.journal.entries():
             if entry.result is not None and not entry.published:
                 await self._publish_result(entry)
@@ -114,7 +119,7 @@ class Agent:
             command = json.loads(msg.body)
             op_id = str(uuid.UUID(command["opId"]))
             kind = command["command"]
-            if kind not in ("download", "delete"):
+            if kind not in ("download", "create", "delete"):
                 raise ValueError(f"unknown command {kind!r}")
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("malformed command dropped: %s", exc)
@@ -149,6 +154,8 @@ class Agent:
         try:
             if command["command"] == "download":
                 result = await self._download(command)
+            elif command["command"] == "create":
+                result = await self._create(command)
             else:
                 result = await self._delete(command)
         except OpFailure as exc:
@@ -166,25 +173,50 @@ class Agent:
         entry = self.journal.finish(op_id, command, result)
         await self._publish_result(entry)
 
-    async def _download(self, command: dict[str, Any]) -> dict[str, Any]:
+    def _target(self, command: dict[str, Any]) -> Path:
         try:
-            final = self.layout.resolve_install_path(command["installPath"])
+            return self.layout.resolve_install_path(command["installPath"])
         except PathRejected as exc:
             raise OpFailure("INVALID_ARGUMENT", str(exc)) from None
+
+    def _reporter(self, command: dict[str, Any]) -> Progress:
+        async def progress(done: int, total: int | None) -> None:
+            await self._progress(command["imageUuid"], done, total)
+
+        return progress
+
+    async def _store(
+        self, command: dict[str, Any], partial: Path, final: Path, size: int, md5: str
+    ) -> dict[str, Any]:
+        """Inspect a finished partial file and move it into place; the op's result."""
         fmt = str(command["format"])
+        facts = await inspect_image(partial, fmt)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(partial, final)
+        fsync_dir(final.parent)
+        return {
+            "opId": command["opId"],
+            "backupStorageUuid": self.uuid,
+            "success": True,
+            "installPath": str(final),
+            "size": size,
+            "actualSize": facts.actual_size,
+            "virtualSize": facts.virtual_size,
+            "md5Sum": md5,
+            "format": fmt,
+        }
+
+    async def _download(self, command: dict[str, Any]) -> dict[str, Any]:
+        final = self._target(command)
         async with self._downloads:
             capacity = await asyncio.to_thread(self.layout.capacity, self.settings.capacity)
             partial = self.layout.partial_path(command["opId"])
-
-            async def progress(done: int, total: int | None) -> None:
-                await self._progress(command["imageUuid"], done, total)
-
             received = await receive(
                 command["url"],
                 partial,
                 self.settings.fetch,
                 available=capacity.available,
-                progress=progress,
+                progress=self._reporter(command),
             )
             try:
                 expected = command.get("md5Sum")
@@ -192,24 +224,40 @@ class Agent:
                     raise OpFailure(
                         "CHECKSUM_MISMATCH", f"expected md5 {expected}, got {received.md5}"
                     )
-                facts = await inspect_image(partial, fmt)
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(partial, final)
-                fsync_dir(final.parent)
+                return await self._store(command, partial, final, received.size, received.md5)
             except BaseException:
                 partial.unlink(missing_ok=True)
                 raise
-        return {
-            "opId": command["opId"],
-            "backupStorageUuid": self.uuid,
-            "success": True,
-            "installPath": str(final),
-            "size": received.size,
-            "actualSize": facts.actual_size,
-            "virtualSize": facts.virtual_size,
-            "md5Sum": received.md5,
-            "format": fmt,
-        }
+
+    async def _create(self, command: dict[str, Any]) -> dict[str, Any]:
+        final = self._target(command)
+        async with self._downloads:
+            capacity = await asyncio.to_thread(self.layout.capacity, self.settings.capacity)
+            partial = self.layout.partial_path(command["opId"])
+            workdir = partial.with_name(f"{partial.name}.chain")
+            try:
+                source = await materialize(
+                    str(command["source"]),
+                    str(command["sourceFormat"]),
+                    workdir,
+                    volume_roots=self.settings.volume_roots,
+                    settings=self.settings.fetch,
+                    available=capacity.available,
+                    progress=self._reporter(command),
+                )
+                await flatten(source, str(command["sourceFormat"]), partial, command["format"])
+                hashed = await hash_file(partial)
+                if hashed.size > capacity.available:
+                    raise OpFailure(
+                        "CAPACITY_EXCEEDED",
+                        f"the template has {hashed.size} bytes; {capacity.available} are available",
+                    )
+                return await self._store(command, partial, final, hashed.size, hashed.md5)
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
+            finally:
+                remove_tree(workdir)
 
     async def _delete(self, command: dict[str, Any]) -> dict[str, Any]:
         for cancel_id in command.get("cancelOpIds") or []:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import json
 import resource
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from backup_agent.fetchers import OpFailure
 
@@ -37,9 +39,54 @@ class ImageFacts:
     actual_size: int
 
 
-def _limit_resources() -> None:  # runs in the child between fork and exec
-    resource.setrlimit(resource.RLIMIT_AS, (QEMU_IMG_MEMORY, QEMU_IMG_MEMORY))
-    resource.setrlimit(resource.RLIMIT_CPU, (QEMU_IMG_CPU_SECONDS, QEMU_IMG_CPU_SECONDS))
+def _limits(memory: int, cpu_seconds: int) -> Callable[[], None]:
+    def apply() -> None:  # runs in the child between fork and exec
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
+
+    return apply
+
+
+async def run_qemu_img(
+    *args: str,
+    timeout: float = QEMU_IMG_TIMEOUT,
+    memory: int = QEMU_IMG_MEMORY,
+    cpu_seconds: int = QEMU_IMG_CPU_SECONDS,
+    failure_code: str = "UNSAFE_IMAGE",
+) -> bytes:
+    """Run `qemu-img ARGS` bounded in time and memory; its stdout, or an OpFailure."""
+    try:
+        process = await asyncio.create_subprocess_exec(
+            "qemu-img",
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            preexec_fn=_limits(memory, cpu_seconds),
+        )
+    except FileNotFoundError:
+        raise OpFailure("INTERNAL_ERROR", "qemu-img is not installed on the agent") from None
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
+    except (TimeoutError, asyncio.CancelledError):
+        process.kill()
+        await process.wait()
+        raise
+    if process.returncode != 0:
+        message = stderr.decode(errors="replace").strip().splitlines()
+        reason = message[-1] if message else f"exit {process.returncode}"
+        raise OpFailure(failure_code, f"qemu-img {args[0]}: {reason}")
+    return stdout
+
+
+async def image_info(path: Path, fmt: str, *, backing_chain: bool = False) -> Any:
+    """`qemu-img info` of `path` read as `fmt` (never probed)."""
+    args = ["info", "-f", fmt, "--output=json", str(path)]
+    if backing_chain:
+        args.insert(1, "--backing-chain")
+    try:
+        return json.loads(await run_qemu_img(*args))
+    except TimeoutError:
+        raise OpFailure("UNSAFE_IMAGE", "qemu-img did not finish in time") from None
 
 
 def sniff(path: Path, fmt: str) -> None:
@@ -57,32 +104,10 @@ def sniff(path: Path, fmt: str) -> None:
 
 async def inspect_image(path: Path, fmt: str) -> ImageFacts:
     sniff(path, fmt)
-    qemu_format = "raw" if fmt == "iso" else fmt
     try:
-        process = await asyncio.create_subprocess_exec(
-            "qemu-img",
-            "info",
-            "-f",
-            qemu_format,
-            "--output=json",
-            str(path),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            preexec_fn=_limit_resources,
-        )
-    except FileNotFoundError:
-        raise OpFailure("INTERNAL_ERROR", "qemu-img is not installed on the agent") from None
-    try:
-        stdout, stderr = await asyncio.wait_for(process.communicate(), QEMU_IMG_TIMEOUT)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise OpFailure("UNSAFE_IMAGE", "qemu-img did not finish in time") from None
-    if process.returncode != 0:
-        message = stderr.decode(errors="replace").strip().splitlines()
-        reason = message[-1] if message else f"exit {process.returncode}"
-        raise OpFailure("UNSAFE_IMAGE", f"not a valid {fmt} image: {reason}")
-    info = json.loads(stdout)
+        info = await image_info(path, "raw" if fmt == "iso" else fmt)
+    except OpFailure as exc:
+        raise OpFailure("UNSAFE_IMAGE", f"not a valid {fmt} image: {exc.details}") from None
     if info.get("backing-filename") or info.get("full-backing-filename"):
         raise OpFailure("UNSAFE_IMAGE", "the qcow2 image names a backing file")
     data = info.get("format-specific", {}).get("data", {})

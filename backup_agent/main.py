@@ -33,6 +33,14 @@ def parse_args(argv: list[str] | None = None) -> AgentSettings:
         "--capacity", type=int, help="bytes this backup storage may hold (default: the disk)"
     )
     parser.add_argument("--max-downloads", type=int, default=4)
+    parser.add_argument(
+        "--volume-root",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="DIR",
+        help="a directory whose volumes (file:// sources) may become templates; repeatable",
+    )
     parser.add_argument("--connect-timeout", type=float, default=15.0, metavar="SECONDS")
     parser.add_argument(
         "--stall-timeout",
@@ -57,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> AgentSettings:
         hostname=args.hostname,
         capacity=args.capacity,
         max_downloads=args.max_downloads,
+        volume_roots=tuple(Path(os.path.realpath(p)) for p in args.volume_root),
         fetch=FetchSettings(
             connect_timeout=args.connect_timeout,
             stall_timeout=args.stall_timeout,
