@@ -16,7 +16,7 @@ from urllib.parse import unquote, urlsplit
 import aiohttp
 import asyncssh
 
-READ_SIZE = 4 << 20
+READ_SIZE = 1 << 20
 
 
 class OpFailure(Exception):
