@@ -1,0 +1,391 @@
+"""Benchmark: AddImage of a large raw image over loopback HTTP, beside `md5sum` of the file.
+
+    python tests/benchmarks/bench_add_image.py [--size 1GiB] [--runs 3]
+
+Starts a real image service and one backup agent (processes of their own, in a namespace and
+database of their own), serves the file from a separate HTTP server process (aiohttp, sendfile),
+and prints per run and as the median: `md5sum` wall time (page cache warm), AddImage wall time
+from call to the Ready reply, their ratio (target <= 1.3), the agent's peak RSS (VmHWM, reset
+before each run; target < 100 MiB) and the throughput. Not collected by pytest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import aio_pika  # noqa: E402
+
+from image_service.bus import ApiClient  # noqa: E402
+from image_service.names import Names  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    AMQP_URL,
+    PG_URL,
+    Stack,
+    _drop_database,
+    _drop_namespace,
+    _schema_ready,
+    _try_connect,
+    wait_for,
+)
+
+MiB = 1 << 20
+PATTERN_SIZE = 16 * MiB
+
+
+def parse_size(text: str) -> int:
+    match = re.fullmatch(r"(\d+)\s*([KMGT]?)(i?B)?", text.strip(), re.IGNORECASE)
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1GiB, 256MiB)")
+    number, unit = int(match.group(1)), match.group(2).upper()
+    return number << {"": 0, "K": 10, "M": 20, "G": 30, "T": 40}[unit]
+
+
+def make_image(path: Path, size: int) -> None:
+    """Random-looking content (16 MiB of urandom repeated): incompressible, no magic number."""
+    pattern = os.urandom(PATTERN_SIZE)
+    with open(path, "wb") as f:
+        written = 0
+        while written < size:
+            piece = pattern[: min(PATTERN_SIZE, size - written)]
+            f.write(piece)
+            written += len(piece)
+
+
+def warm_page_cache(path: Path) -> None:
+    with open(path, "rb") as f:
+        while f.read(16 * MiB):
+            pass
+
+
+def time_md5sum(path: Path) -> tuple[float, str]:
+    started = time.perf_counter()
+    out = subprocess.run(["md5sum", str(path)], check=True, capture_output=True, text=True).stdout
+    return time.perf_counter() - started, out.split()[0]
+
+
+# --- the HTTP server, in a process of its own ---------------------------------------------
+
+
+def serve(directory: str) -> None:
+    """Child mode: serve `directory` on 127.0.0.1 (sendfile) and print the port."""
+    from aiohttp import web
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_static("/files/", directory)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        server = site._server
+        assert server is not None and server.sockets
+        print(server.sockets[0].getsockname()[1], flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def start_http_server(directory: Path) -> tuple[subprocess.Popen[str], int]:
+    process = subprocess.Popen(
+        [sys.executable, __file__, "--serve", str(directory)],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if not line.strip().isdigit():
+        process.kill()
+        raise RuntimeError(f"http server did not start: {line!r}")
+    return process, int(line)
+
+
+async def drop_queues(*queues: str) -> None:
+    """Queues of the namespace that `tests.conftest._drop_namespace` does not know about."""
+    with contextlib.suppress(Exception):
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection:
+            for queue in queues:
+                channel = await connection.channel()
+                with contextlib.suppress(Exception):
+                    await channel.queue_delete(queue)
+
+
+def start_profiler(pid: int, output: str) -> subprocess.Popen[bytes]:
+    """py-spy (pip install py-spy) samples the agent, idle threads included, so the collapsed
+    stacks show where the wall time goes, not only the CPU time."""
+    command = ["py-spy", "record", "--pid", str(pid), "--idle", "--threads", "--rate", "200"]
+    command += ["--format", "raw", "--output", output, "--nonblocking"]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+# --- agent memory ------------------------------------------------------------------------
+
+
+def proc_status(pid: int, key: str) -> int:
+    """A `VmXxx:` figure of /proc/PID/status, in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(f"{key}:"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Writing 5 to clear_refs resets VmHWM (Linux >= 4.0), so each run has its own peak."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class RssPoller:
+    """Samples VmRSS while a run goes on, a cross-check of VmHWM."""
+
+    pid: int
+    peak: int = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError, KeyError):
+                self.peak = max(self.peak, proc_status(self.pid, "VmRSS"))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.02)
+
+
+@dataclass
+class Phases:
+    """When the contract's `image.progress` events of one image arrive (monotonic clock):
+    the first says the transfer started, the last with every byte says it is on disk."""
+
+    size: int
+    first: float | None = None
+    complete: float | None = None
+
+    async def on_event(self, _key: str, body: dict[str, object]) -> None:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+        if body.get("downloadedBytes") == self.size:
+            self.complete = now
+
+
+@dataclass
+class Run:
+    md5sum: float
+    add_image: float
+    peak_rss: int
+    sampled_rss: int
+    size: int
+    to_first_byte: float
+    to_stored: float
+
+    @property
+    def ratio(self) -> float:
+        return self.add_image / self.md5sum
+
+    @property
+    def throughput(self) -> float:
+        return self.size / MiB / self.add_image
+
+
+async def bench(args: argparse.Namespace) -> list[Run]:
+    workdir = Path(tempfile.mkdtemp(prefix="bench-add-image-", dir=args.workdir))
+    namespace = f"b{uuid.uuid4().hex[:12]}"
+    dbname = f"images_{namespace}"
+    database_url = f"{PG_URL}/{dbname}"
+    www = workdir / "www"
+    www.mkdir()
+    image = www / "image.raw"
+    http: subprocess.Popen[str] | None = None
+    profiler: subprocess.Popen[bytes] | None = None
+    stack: Stack | None = None
+    client = ApiClient(AMQP_URL, Names(namespace))
+    runs: list[Run] = []
+    try:
+        print(f"writing {args.size / MiB:,.0f} MiB to {image} ...", flush=True)
+        make_image(image, args.size)
+        http, port = start_http_server(www)
+        url = f"http://127.0.0.1:{port}/files/{image.name}"
+
+        await client.connect()
+        stack = Stack(namespace, database_url, workdir, None, client, None)  # type: ignore[arg-type]
+        stack.start_service()
+        stack.db = await wait_for(lambda: _try_connect(database_url), timeout=30)
+        await wait_for(lambda: _schema_ready(stack.db), timeout=30)  # type: ignore[union-attr]
+        agent = await stack.start_agent("bench", *args.agent_args)
+        assert agent.proc.process is not None
+        pid = agent.proc.process.pid
+        idle_rss = proc_status(pid, "VmRSS")
+        print(f"agent pid {pid}, idle RSS {idle_rss / MiB:.1f} MiB", flush=True)
+        if args.profile_agent:
+            profiler = start_profiler(pid, args.profile_agent)
+            await asyncio.sleep(1.0)
+
+        for index in range(args.runs):
+            warm_page_cache(image)
+            md5_time, md5 = time_md5sum(image)
+            if not reset_peak_rss(pid):
+                print("cannot reset VmHWM: peak RSS is the process lifetime peak")
+            image_uuid = uuid.uuid4().hex
+            phases = Phases(args.size)
+            await client.subscribe([f"image.progress.{image_uuid}"], phases.on_event)
+            poller = RssPoller(pid)
+            stop = asyncio.Event()
+            sampler = asyncio.create_task(poller.run(stop))
+            started = time.perf_counter()
+            reply = await stack.call(
+                "AddImage",
+                {
+                    "name": f"bench{index}",
+                    "url": url,
+                    "format": "raw",
+                    "backupStorageUuids": [agent.uuid],
+                    "resourceUuid": image_uuid,
+                },
+                timeout=args.timeout,
+            )
+            elapsed = time.perf_counter() - started
+            stop.set()
+            await sampler
+            if not reply.get("success"):
+                raise RuntimeError(f"AddImage failed: {json.dumps(reply)}")
+            inventory = reply["inventory"]
+            assert inventory["status"] == "Ready" and inventory["md5Sum"] == md5, inventory
+            assert inventory["size"] == args.size
+            run = Run(
+                md5_time,
+                elapsed,
+                proc_status(pid, "VmHWM"),
+                poller.peak,
+                args.size,
+                (phases.first or started) - started,
+                (phases.complete or started) - started,
+            )
+            runs.append(run)
+            print(
+                f"run {index + 1}: md5sum {run.md5sum:.3f}s  AddImage {run.add_image:.3f}s  "
+                f"ratio {run.ratio:.2f}  agent peak RSS {run.peak_rss / MiB:.1f} MiB "
+                f"(sampled {run.sampled_rss / MiB:.1f})  {run.throughput:,.0f} MiB/s",
+                flush=True,
+            )
+            print(
+                f"       phases: to first byte {run.to_first_byte:.3f}s, streamed+hashed+fsynced "
+                f"{run.to_stored - run.to_first_byte:.3f}s, after (qemu-img, commit, reply) "
+                f"{run.add_image - run.to_stored:.3f}s",
+                flush=True,
+            )
+            # Free the disk (and the page cache of the stored copy) before the next run.
+            deleted = await stack.call("DeleteImage", {"uuid": inventory["uuid"]}, timeout=60)
+            assert deleted.get("success"), deleted
+        return runs
+    finally:
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+            profiler.wait(30)
+            print(f"agent profile (collapsed stacks): {args.profile_agent}")
+        if stack is not None:
+            for agent_ in stack.agents:
+                agent_.proc.terminate(10)
+            for proc in stack.services:
+                proc.terminate(10)
+            if args.keep_logs:
+                for proc in [*stack.services, *(a.proc for a in stack.agents)]:
+                    print(f"===== {proc.name}\n{proc.log()}")
+            with contextlib.suppress(Exception):
+                await stack.db.close()
+        if http is not None:
+            http.kill()
+            http.wait(10)
+        await client.close()
+        await _drop_namespace(namespace, [a.uuid for a in (stack.agents if stack else [])])
+        await drop_queues(Names(namespace).volume_events)
+        await _drop_database(dbname)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def report(runs: list[Run], size: int) -> None:
+    def median(values: list[float]) -> float:
+        return statistics.median(values)
+
+    md5_time = median([r.md5sum for r in runs])
+    add_time = median([r.add_image for r in runs])
+    ratio = median([r.ratio for r in runs])
+    rss = median([r.peak_rss for r in runs]) / MiB
+    sampled = median([r.sampled_rss for r in runs]) / MiB
+    throughput = median([r.throughput for r in runs])
+    print()
+    print(f"AddImage of {size / MiB:,.0f} MiB over loopback HTTP, median of {len(runs)} runs")
+    print(f"  md5sum                {md5_time:8.3f} s   ({size / MiB / md5_time:,.0f} MiB/s)")
+    print(f"  AddImage -> Ready     {add_time:8.3f} s   ({throughput:,.0f} MiB/s)")
+    verdict = "ok" if ratio <= 1.3 else "ABOVE TARGET"
+    print(f"  ratio AddImage/md5sum {ratio:8.2f}     (target <= 1.3: {verdict})")
+    verdict = "ok" if rss < 100 else "ABOVE TARGET"
+    print(
+        f"  agent peak RSS        {rss:8.1f} MiB (target < 100: {verdict}; sampled {sampled:.1f})"
+    )
+    first = median([r.to_first_byte for r in runs])
+    stream = median([r.to_stored - r.to_first_byte for r in runs])
+    after = median([r.add_image - r.to_stored for r in runs])
+    print(f"  phases (median): call -> first byte {first:.3f} s, stream+hash+write+fsync")
+    print(f"                   {stream:.3f} s, stored -> Ready reply {after:.3f} s")
+
+
+def print_load(when: str) -> None:
+    """Other work on the machine skews every figure: say how busy it was."""
+    one, five, _ = os.getloadavg()
+    print(f"load average {when}: {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} CPUs")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=parse_size, default=1 << 30, help="image size (1GiB)")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per AddImage")
+    parser.add_argument("--workdir", default=None, help="where the file and agent root go")
+    parser.add_argument("--keep-logs", action="store_true", help="print process logs at the end")
+    parser.add_argument(
+        "--agent-arg",
+        dest="agent_args",
+        action="append",
+        default=[],
+        help="extra backup-agent argument (repeatable)",
+    )
+    parser.add_argument(
+        "--profile-agent", metavar="FILE", help="record the agent with py-spy (collapsed stacks)"
+    )
+    parser.add_argument("--serve", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        serve(args.serve)
+        return
+    print_load("before")
+    runs = asyncio.run(bench(args))
+    report(runs, args.size)
+    print_load("after")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,380 @@
+"""Benchmark: round trip of `QueryImage uuid=...` with 10,000 images in the database.
+
+    python tests/benchmarks/bench_query.py [--images 10000] [--calls 1000]
+
+Starts a real image service (a process of its own, in a namespace and database of its own),
+bulk-loads images (status Ready, size and md5 set, one reference each) and one backup storage
+with COPY, then times sequential `QueryImage uuid=<random existing uuid>` calls through the real
+`ApiClient`; in the same run, as the baseline, the round trip of a bare request/reply echo over
+the same broker (an aio-pika consumer in this process, on a queue of the same kind as `NS.api`,
+replying with a body of the same size). Prints p50/p99 of both and their ratio, and the plans
+PostgreSQL chooses for the statements a query runs. Not collected by pytest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import aio_pika  # noqa: E402
+import asyncpg  # noqa: E402
+
+from image_service.bus import ApiClient, Bus  # noqa: E402
+from image_service.models import Query  # noqa: E402
+from image_service.names import Names  # noqa: E402
+from image_service.query import IMAGE, compile_query  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    AMQP_URL,
+    PG_URL,
+    Stack,
+    _drop_database,
+    _drop_namespace,
+    _schema_ready,
+    _try_connect,
+    wait_for,
+)
+
+IMAGE_COLUMNS = [
+    "uuid",
+    "name",
+    "description",
+    "state",
+    "status",
+    "size",
+    "actual_size",
+    "virtual_size",
+    "url",
+    "media_type",
+    "guest_os_type",
+    "platform",
+    "system",
+    "format",
+    "md5_sum",
+    "type",
+    "create_date",
+    "last_op_date",
+]
+REF_COLUMNS = [
+    "image_uuid",
+    "backup_storage_uuid",
+    "install_path",
+    "status",
+    "create_date",
+    "last_op_date",
+]
+
+
+async def load(db: asyncpg.Connection, count: int, root: str) -> list[str]:
+    """One Connected backup storage and `count` Ready images on it; returns the image uuids."""
+    bs_uuid = uuid.uuid4().hex
+    await db.execute(
+        "INSERT INTO backup_storage (uuid, name, url, hostname, status, total_capacity,"
+        " available_capacity) VALUES ($1, 'bench', $2, 'localhost', 'Connected', $3, $4)",
+        bs_uuid,
+        root,
+        1 << 40,
+        1 << 39,
+    )
+    rng = random.Random(42)
+    start = datetime(2024, 1, 1, tzinfo=UTC)
+    images, refs, uuids = [], [], []
+    for index in range(count):
+        image_uuid = uuid.UUID(int=rng.getrandbits(128)).hex
+        created = start + timedelta(seconds=index)
+        size = rng.randrange(1 << 20, 8 << 30)
+        fmt = rng.choice(["qcow2", "raw"])
+        name = f"image-{index}"
+        images.append(
+            (
+                image_uuid,
+                name,
+                f"benchmark image {index}",
+                "Enabled",
+                "Ready",
+                size,
+                size,
+                size * 2 if fmt == "qcow2" else size,
+                f"http://images.example.com/{name}.{fmt}",
+                "RootVolumeTemplate",
+                "CentOS",
+                rng.choice(["Linux", "Windows", "Other"]),
+                False,
+                fmt,
+                hashlib.md5(name.encode()).hexdigest(),
+                "zstack",
+                created,
+                created,
+            )
+        )
+        install_path = f"{root}/templates/{image_uuid}/{name}.template"
+        refs.append((image_uuid, bs_uuid, install_path, "Ready", created, created))
+        uuids.append(image_uuid)
+    await db.copy_records_to_table("image", records=images, columns=IMAGE_COLUMNS)
+    await db.copy_records_to_table("image_backup_storage_ref", records=refs, columns=REF_COLUMNS)
+    await db.execute("ANALYZE image; ANALYZE image_backup_storage_ref; ANALYZE backup_storage")
+    return uuids
+
+
+def start_profiler(pid: int, output: str) -> subprocess.Popen[bytes]:
+    """py-spy (pip install py-spy), idle included: where the service's wall time goes."""
+    command = ["py-spy", "record", "--pid", str(pid), "--idle", "--rate", "500"]
+    command += ["--format", "raw", "--output", output, "--nonblocking"]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def drop_queues(*queues: str) -> None:
+    """Queues of the namespace that `tests.conftest._drop_namespace` does not know about."""
+    with contextlib.suppress(Exception):
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection:
+            for queue in queues:
+                channel = await connection.channel()
+                with contextlib.suppress(Exception):
+                    await channel.queue_delete(queue)
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))
+    return ordered[index]
+
+
+class Echo:
+    """The baseline: a consumer that answers every request at once with a fixed body, on a
+    queue declared like `NS.api` (durable quorum queue), replying like the service does."""
+
+    def __init__(self, names: Names, reply_body: bytes) -> None:
+        self.queue_name = f"{names.namespace}.bench-echo"
+        self.names = names
+        self.reply_body = reply_body
+        self.connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self.queue: aio_pika.abc.AbstractQueue | None = None
+        self.tag: str | None = None
+
+    async def start(self) -> None:
+        self.connection = await aio_pika.connect_robust(AMQP_URL)
+        consume = await self.connection.channel()
+        await consume.set_qos(prefetch_count=16)
+        publish = await self.connection.channel(publisher_confirms=True)
+        arguments = Bus(AMQP_URL, self.names).work_queue_arguments()
+        self.queue = await consume.declare_queue(self.queue_name, durable=True, arguments=arguments)
+
+        async def on_message(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            assert message.reply_to is not None
+            await publish.default_exchange.publish(
+                aio_pika.Message(
+                    self.reply_body,
+                    content_type="application/json",
+                    correlation_id=message.correlation_id,
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                ),
+                routing_key=message.reply_to,
+                timeout=10,
+            )
+            await message.ack()
+
+        self.tag = await self.queue.consume(on_message)
+
+    async def call(self, client: ApiClient, body: bytes) -> dict[str, Any]:
+        """A request/reply through the client's own reply queue and correlation matching."""
+        message_id = uuid.uuid4().hex
+        future = client.expect(message_id)
+        try:
+            assert client._channel is not None
+            await client._channel.default_exchange.publish(
+                aio_pika.Message(
+                    body,
+                    content_type="application/json",
+                    message_id=message_id,
+                    correlation_id=message_id,
+                    reply_to=client.reply_to,
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                ),
+                routing_key=self.queue_name,
+                timeout=10,
+            )
+            return await asyncio.wait_for(future, 10)
+        finally:
+            client._waiting.pop(message_id, None)
+
+    async def stop(self) -> None:
+        if self.connection is not None:
+            with contextlib.suppress(Exception):
+                if self.queue is not None and self.tag is not None:
+                    await self.queue.cancel(self.tag)
+                channel = await self.connection.channel()
+                await channel.queue_delete(self.queue_name)
+            await self.connection.close()
+
+
+async def measure(
+    label: str, call: Callable[[], Awaitable[None]], calls: int, warmup: int
+) -> list[float]:
+    for _ in range(warmup):
+        await call()
+    latencies = []
+    for _ in range(calls):
+        started = time.perf_counter()
+        await call()
+        latencies.append(time.perf_counter() - started)
+    p50, p99 = percentile(latencies, 0.50), percentile(latencies, 0.99)
+    print(
+        f"{label:<34} p50 {p50 * 1000:7.2f} ms  p99 {p99 * 1000:7.2f} ms  "
+        f"mean {statistics.fmean(latencies) * 1000:7.2f} ms  max {max(latencies) * 1000:7.2f} ms",
+        flush=True,
+    )
+    return latencies
+
+
+async def explain(db: asyncpg.Connection, image_uuid: str) -> None:
+    """The plans of the statements a `QueryImage uuid=...` runs, as the service builds them."""
+    params = {"conditions": [{"name": "uuid", "op": "=", "value": image_uuid}]}
+    compiled = compile_query(IMAGE, Query.model_validate_json(json.dumps(params)))
+    statements = [
+        ("compiled page query", compiled.select_sql, compiled.args),
+        (
+            "inventory query (i.uuid = ANY($1::text[]))",
+            "SELECT * FROM image i WHERE i.uuid = ANY($1::text[])",
+            [[image_uuid]],
+        ),
+    ]
+    for label, sql, args in statements:
+        rows = await db.fetch(f"EXPLAIN (ANALYZE, COSTS OFF, TIMING ON) {sql}", *args)
+        plan = [r[0] for r in rows]
+        print(f"plan of the {label}:")
+        for line in plan:
+            print(f"    {line}")
+
+
+async def bench(args: argparse.Namespace) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="bench-query-"))
+    namespace = f"b{uuid.uuid4().hex[:12]}"
+    names = Names(namespace)
+    dbname = f"images_{namespace}"
+    database_url = f"{PG_URL}/{dbname}"
+    client = ApiClient(AMQP_URL, names)
+    stack: Stack | None = None
+    echo: Echo | None = None
+    try:
+        await client.connect()
+        stack = Stack(namespace, database_url, workdir, None, client, None)  # type: ignore[arg-type]
+        stack.start_service()
+        stack.db = await wait_for(lambda: _try_connect(database_url), timeout=30)
+        await wait_for(lambda: _schema_ready(stack.db), timeout=30)  # type: ignore[union-attr]
+        started = time.perf_counter()
+        uuids = await load(stack.db, args.images, str(workdir / "bs"))
+        print(f"loaded {len(uuids):,} images in {time.perf_counter() - started:.2f}s", flush=True)
+
+        rng = random.Random(7)
+
+        async def query_image() -> None:
+            image_uuid = rng.choice(uuids)
+            reply = await client.call(
+                "QueryImage",
+                {"conditions": [{"name": "uuid", "op": "=", "value": image_uuid}]},
+                timeout=30,
+            )
+            inventories = reply.get("inventories")
+            if not reply.get("success") or not inventories or inventories[0]["uuid"] != image_uuid:
+                raise RuntimeError(f"unexpected reply: {json.dumps(reply)[:500]}")
+
+        sample = await client.call(
+            "QueryImage", {"conditions": [{"name": "uuid", "op": "=", "value": uuids[0]}]}
+        )
+        reply_body = json.dumps(sample).encode()
+        request_body = json.dumps(
+            {
+                "api": "QueryImage",
+                "params": {"conditions": [{"name": "uuid", "op": "=", "value": uuids[0]}]},
+            }
+        ).encode()
+        print(f"request {len(request_body)} bytes, reply {len(reply_body)} bytes", flush=True)
+
+        echo = Echo(names, reply_body)
+        await echo.start()
+
+        async def echo_call() -> None:
+            await echo.call(client, request_body)  # type: ignore[union-attr]
+
+        profiler = None
+        if args.profile_service:
+            process = stack.services[0].process
+            assert process is not None
+            profiler = start_profiler(process.pid, args.profile_service)
+            await asyncio.sleep(1.0)
+        print(f"{args.calls:,} sequential calls after {args.warmup} warm-up calls each:")
+        query = await measure("QueryImage uuid=<random>", query_image, args.calls, args.warmup)
+        if profiler is not None:
+            profiler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
+            profiler.wait(30)
+            print(f"service profile (collapsed stacks): {args.profile_service}")
+        bare = await measure("echo over the same broker", echo_call, args.calls, args.warmup)
+        for fraction, label in ((0.50, "p50"), (0.99, "p99")):
+            ratio = percentile(query, fraction) / percentile(bare, fraction)
+            print(f"ratio QueryImage/echo {label}: {ratio:.2f}")
+        print()
+        await explain(stack.db, rng.choice(uuids))
+    finally:
+        if echo is not None:
+            await echo.stop()
+        if stack is not None:
+            for proc in stack.services:
+                proc.terminate(10)
+            if args.keep_logs:
+                for proc in stack.services:
+                    print(f"===== {proc.name}\n{proc.log()}")
+            with contextlib.suppress(Exception):
+                await stack.db.close()
+        await client.close()
+        await _drop_namespace(namespace, [])
+        await drop_queues(names.volume_events)
+        await _drop_database(dbname)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def print_load(when: str) -> None:
+    """Other work on the machine skews every figure: say how busy it was."""
+    one, five, _ = os.getloadavg()
+    print(f"load average {when}: {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} CPUs")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=10_000)
+    parser.add_argument("--calls", type=int, default=1_000)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument(
+        "--profile-service",
+        metavar="FILE",
+        help="record the service with py-spy during the QueryImage calls (collapsed stacks)",
+    )
+    parser.add_argument("--keep-logs", action="store_true", help="print the service log at the end")
+    args = parser.parse_args()
+    print_load("before")
+    asyncio.run(bench(args))
+    print_load("after")
+
+
+if __name__ == "__main__":
+    main()
