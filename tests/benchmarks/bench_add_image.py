@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -32,20 +31,15 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import aio_pika  # noqa: E402
-
-from image_service.bus import ApiClient  # noqa: E402
-from image_service.names import Names  # noqa: E402
-from tests.conftest import (  # noqa: E402
-    AMQP_URL,
-    PG_URL,
-    Stack,
-    _drop_database,
-    _drop_namespace,
-    _schema_ready,
-    _try_connect,
-    wait_for,
+from tests.benchmarks.harness import (  # noqa: E402
+    deployment,
+    print_load,
+    start_profiler,
+    stop_on_sigterm,
+    stop_profiler,
+    watched,
 )
+from tests.conftest import Agent, Proc, Stack  # noqa: E402
 
 MiB = 1 << 20
 PATTERN_SIZE = 16 * MiB
@@ -96,9 +90,7 @@ def serve(directory: str) -> None:
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
-        server = site._server
-        assert server is not None and server.sockets
-        print(server.sockets[0].getsockname()[1], flush=True)
+        print(runner.addresses[0][1], flush=True)
         await asyncio.Event().wait()
 
     asyncio.run(main())
@@ -117,25 +109,6 @@ def start_http_server(directory: Path) -> tuple[subprocess.Popen[str], int]:
         process.kill()
         raise RuntimeError(f"http server did not start: {line!r}")
     return process, int(line)
-
-
-async def drop_queues(*queues: str) -> None:
-    """Queues of the namespace that `tests.conftest._drop_namespace` does not know about."""
-    with contextlib.suppress(Exception):
-        connection = await aio_pika.connect(AMQP_URL)
-        async with connection:
-            for queue in queues:
-                channel = await connection.channel()
-                with contextlib.suppress(Exception):
-                    await channel.queue_delete(queue)
-
-
-def start_profiler(pid: int, output: str) -> subprocess.Popen[bytes]:
-    """py-spy (pip install py-spy) samples the agent, idle threads included, so the collapsed
-    stacks show where the wall time goes, not only the CPU time."""
-    command = ["py-spy", "record", "--pid", str(pid), "--idle", "--threads", "--rate", "200"]
-    command += ["--format", "raw", "--output", output, "--nonblocking"]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 # --- agent memory ------------------------------------------------------------------------
@@ -213,50 +186,79 @@ class Run:
 
 async def bench(args: argparse.Namespace) -> list[Run]:
     workdir = Path(tempfile.mkdtemp(prefix="bench-add-image-", dir=args.workdir))
-    namespace = f"b{uuid.uuid4().hex[:12]}"
-    dbname = f"images_{namespace}"
-    database_url = f"{PG_URL}/{dbname}"
     www = workdir / "www"
     www.mkdir()
     image = www / "image.raw"
     http: subprocess.Popen[str] | None = None
     profiler: subprocess.Popen[bytes] | None = None
-    stack: Stack | None = None
-    client = ApiClient(AMQP_URL, Names(namespace))
     runs: list[Run] = []
     try:
         print(f"writing {args.size / MiB:,.0f} MiB to {image} ...", flush=True)
         make_image(image, args.size)
         http, port = start_http_server(www)
         url = f"http://127.0.0.1:{port}/files/{image.name}"
+        async with deployment(workdir, "b") as stack:
+            agent = await watched(stack.start_agent("bench", *args.agent_args), stack.services)
+            processes = [*stack.services, agent.proc]
+            assert agent.proc.process is not None
+            pid = agent.proc.process.pid
+            idle_rss = proc_status(pid, "VmRSS")
+            print(f"agent pid {pid}, idle RSS {idle_rss / MiB:.1f} MiB", flush=True)
+            if args.profile_agent:
+                profiler = start_profiler(pid, args.profile_agent)
+                await asyncio.sleep(1.0)
+            for index in range(args.runs):
+                run = await one_run(stack, agent, processes, image, url, index, args)
+                runs.append(run)
+                print(
+                    f"run {index + 1}: md5sum {run.md5sum:.3f}s  AddImage {run.add_image:.3f}s  "
+                    f"ratio {run.ratio:.2f}  agent peak RSS {run.peak_rss / MiB:.1f} MiB "
+                    f"(sampled {run.sampled_rss / MiB:.1f})  {run.throughput:,.0f} MiB/s\n"
+                    f"       phases: to first byte {run.to_first_byte:.3f}s, "
+                    f"streamed+hashed+fsynced {run.to_stored - run.to_first_byte:.3f}s, "
+                    f"after (qemu-img, commit, reply) {run.add_image - run.to_stored:.3f}s",
+                    flush=True,
+                )
+            if profiler is not None:
+                stop_profiler(profiler, args.profile_agent, "agent")
+                profiler = None
+            if args.keep_logs:
+                for proc in processes:
+                    print(f"===== {proc.name}\n{proc.log()}")
+        return runs
+    finally:
+        if profiler is not None:
+            stop_profiler(profiler, args.profile_agent, "agent")
+        if http is not None:
+            http.kill()
+            http.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)
 
-        await client.connect()
-        stack = Stack(namespace, database_url, workdir, None, client, None)  # type: ignore[arg-type]
-        stack.start_service()
-        stack.db = await wait_for(lambda: _try_connect(database_url), timeout=30)
-        await wait_for(lambda: _schema_ready(stack.db), timeout=30)  # type: ignore[union-attr]
-        agent = await stack.start_agent("bench", *args.agent_args)
-        assert agent.proc.process is not None
-        pid = agent.proc.process.pid
-        idle_rss = proc_status(pid, "VmRSS")
-        print(f"agent pid {pid}, idle RSS {idle_rss / MiB:.1f} MiB", flush=True)
-        if args.profile_agent:
-            profiler = start_profiler(pid, args.profile_agent)
-            await asyncio.sleep(1.0)
 
-        for index in range(args.runs):
-            warm_page_cache(image)
-            md5_time, md5 = time_md5sum(image)
-            if not reset_peak_rss(pid):
-                print("cannot reset VmHWM: peak RSS is the process lifetime peak")
-            image_uuid = uuid.uuid4().hex
-            phases = Phases(args.size)
-            await client.subscribe([f"image.progress.{image_uuid}"], phases.on_event)
-            poller = RssPoller(pid)
-            stop = asyncio.Event()
-            sampler = asyncio.create_task(poller.run(stop))
-            started = time.perf_counter()
-            reply = await stack.call(
+async def one_run(
+    stack: Stack,
+    agent: Agent,
+    processes: list[Proc],
+    image: Path,
+    url: str,
+    index: int,
+    args: argparse.Namespace,
+) -> Run:
+    pid = agent.proc.process.pid if agent.proc.process else 0
+    warm_page_cache(image)
+    md5_time, md5 = time_md5sum(image)
+    if not reset_peak_rss(pid):
+        print("cannot reset VmHWM: peak RSS is the process lifetime peak")
+    image_uuid = uuid.uuid4().hex
+    phases = Phases(args.size)
+    await stack.client.subscribe([f"image.progress.{image_uuid}"], phases.on_event)
+    poller = RssPoller(pid)
+    stop = asyncio.Event()
+    sampler = asyncio.create_task(poller.run(stop))
+    started = time.perf_counter()
+    try:
+        reply = await watched(
+            stack.call(
                 "AddImage",
                 {
                     "name": f"bench{index}",
@@ -266,64 +268,32 @@ async def bench(args: argparse.Namespace) -> list[Run]:
                     "resourceUuid": image_uuid,
                 },
                 timeout=args.timeout,
-            )
-            elapsed = time.perf_counter() - started
-            stop.set()
-            await sampler
-            if not reply.get("success"):
-                raise RuntimeError(f"AddImage failed: {json.dumps(reply)}")
-            inventory = reply["inventory"]
-            assert inventory["status"] == "Ready" and inventory["md5Sum"] == md5, inventory
-            assert inventory["size"] == args.size
-            run = Run(
-                md5_time,
-                elapsed,
-                proc_status(pid, "VmHWM"),
-                poller.peak,
-                args.size,
-                (phases.first or started) - started,
-                (phases.complete or started) - started,
-            )
-            runs.append(run)
-            print(
-                f"run {index + 1}: md5sum {run.md5sum:.3f}s  AddImage {run.add_image:.3f}s  "
-                f"ratio {run.ratio:.2f}  agent peak RSS {run.peak_rss / MiB:.1f} MiB "
-                f"(sampled {run.sampled_rss / MiB:.1f})  {run.throughput:,.0f} MiB/s",
-                flush=True,
-            )
-            print(
-                f"       phases: to first byte {run.to_first_byte:.3f}s, streamed+hashed+fsynced "
-                f"{run.to_stored - run.to_first_byte:.3f}s, after (qemu-img, commit, reply) "
-                f"{run.add_image - run.to_stored:.3f}s",
-                flush=True,
-            )
-            # Free the disk (and the page cache of the stored copy) before the next run.
-            deleted = await stack.call("DeleteImage", {"uuid": inventory["uuid"]}, timeout=60)
-            assert deleted.get("success"), deleted
-        return runs
+            ),
+            processes,
+        )
+        elapsed = time.perf_counter() - started
     finally:
-        if profiler is not None:
-            profiler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
-            profiler.wait(30)
-            print(f"agent profile (collapsed stacks): {args.profile_agent}")
-        if stack is not None:
-            for agent_ in stack.agents:
-                agent_.proc.terminate(10)
-            for proc in stack.services:
-                proc.terminate(10)
-            if args.keep_logs:
-                for proc in [*stack.services, *(a.proc for a in stack.agents)]:
-                    print(f"===== {proc.name}\n{proc.log()}")
-            with contextlib.suppress(Exception):
-                await stack.db.close()
-        if http is not None:
-            http.kill()
-            http.wait(10)
-        await client.close()
-        await _drop_namespace(namespace, [a.uuid for a in (stack.agents if stack else [])])
-        await drop_queues(Names(namespace).volume_events)
-        await _drop_database(dbname)
-        shutil.rmtree(workdir, ignore_errors=True)
+        stop.set()
+        await sampler
+    if not reply.get("success"):
+        raise RuntimeError(f"AddImage failed: {json.dumps(reply)}")
+    inventory = reply["inventory"]
+    assert inventory["status"] == "Ready" and inventory["md5Sum"] == md5, inventory
+    assert inventory["size"] == args.size, inventory
+    # Free the disk (and the page cache of the stored copy) before the next run.
+    deleted = await watched(
+        stack.call("DeleteImage", {"uuid": inventory["uuid"]}, timeout=60), processes
+    )
+    assert deleted.get("success"), deleted
+    return Run(
+        md5_time,
+        elapsed,
+        proc_status(pid, "VmHWM"),
+        poller.peak,
+        args.size,
+        (phases.first or started) - started,
+        (phases.complete or started) - started,
+    )
 
 
 def report(runs: list[Run], size: int) -> None:
@@ -353,12 +323,6 @@ def report(runs: list[Run], size: int) -> None:
     print(f"                   {stream:.3f} s, stored -> Ready reply {after:.3f} s")
 
 
-def print_load(when: str) -> None:
-    """Other work on the machine skews every figure: say how busy it was."""
-    one, five, _ = os.getloadavg()
-    print(f"load average {when}: {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} CPUs")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=parse_size, default=1 << 30, help="image size (1GiB)")
@@ -381,6 +345,7 @@ def main() -> None:
     if args.serve:
         serve(args.serve)
         return
+    stop_on_sigterm()
     print_load("before")
     runs = asyncio.run(bench(args))
     report(runs, args.size)

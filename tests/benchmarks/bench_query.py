@@ -18,12 +18,9 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import os
 import random
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,16 +41,16 @@ from image_service.bus import ApiClient, Bus  # noqa: E402
 from image_service.models import Query  # noqa: E402
 from image_service.names import Names  # noqa: E402
 from image_service.query import IMAGE, compile_query  # noqa: E402
-from tests.conftest import (  # noqa: E402
-    AMQP_URL,
-    PG_URL,
-    Stack,
-    _drop_database,
-    _drop_namespace,
-    _schema_ready,
-    _try_connect,
-    wait_for,
+from tests.benchmarks.harness import (  # noqa: E402
+    bounded,
+    deployment,
+    print_load,
+    start_profiler,
+    stop_on_sigterm,
+    stop_profiler,
+    watched,
 )
+from tests.conftest import AMQP_URL, Stack  # noqa: E402
 
 IMAGE_COLUMNS = [
     "uuid",
@@ -134,24 +131,6 @@ async def load(db: asyncpg.Connection, count: int, root: str) -> list[str]:
     await db.copy_records_to_table("image_backup_storage_ref", records=refs, columns=REF_COLUMNS)
     await db.execute("ANALYZE image; ANALYZE image_backup_storage_ref; ANALYZE backup_storage")
     return uuids
-
-
-def start_profiler(pid: int, output: str) -> subprocess.Popen[bytes]:
-    """py-spy (pip install py-spy), idle included: where the service's wall time goes."""
-    command = ["py-spy", "record", "--pid", str(pid), "--idle", "--rate", "500"]
-    command += ["--format", "raw", "--output", output, "--nonblocking"]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-async def drop_queues(*queues: str) -> None:
-    """Queues of the namespace that `tests.conftest._drop_namespace` does not know about."""
-    with contextlib.suppress(Exception):
-        connection = await aio_pika.connect(AMQP_URL)
-        async with connection:
-            for queue in queues:
-                channel = await connection.channel()
-                with contextlib.suppress(Exception):
-                    await channel.queue_delete(queue)
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -269,94 +248,69 @@ async def explain(db: asyncpg.Connection, image_uuid: str) -> None:
 
 async def bench(args: argparse.Namespace) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench-query-"))
-    namespace = f"b{uuid.uuid4().hex[:12]}"
-    names = Names(namespace)
-    dbname = f"images_{namespace}"
-    database_url = f"{PG_URL}/{dbname}"
-    client = ApiClient(AMQP_URL, names)
-    stack: Stack | None = None
-    echo: Echo | None = None
     try:
-        await client.connect()
-        stack = Stack(namespace, database_url, workdir, None, client, None)  # type: ignore[arg-type]
-        stack.start_service()
-        stack.db = await wait_for(lambda: _try_connect(database_url), timeout=30)
-        await wait_for(lambda: _schema_ready(stack.db), timeout=30)  # type: ignore[union-attr]
-        started = time.perf_counter()
-        uuids = await load(stack.db, args.images, str(workdir / "bs"))
-        print(f"loaded {len(uuids):,} images in {time.perf_counter() - started:.2f}s", flush=True)
+        async with deployment(workdir, "q") as stack:
+            await measure_stack(stack, workdir, args)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
-        rng = random.Random(7)
 
-        async def query_image() -> None:
-            image_uuid = rng.choice(uuids)
-            reply = await client.call(
+async def measure_stack(stack: Stack, workdir: Path, args: argparse.Namespace) -> None:
+    client, services = stack.client, stack.services
+    started = time.perf_counter()
+    uuids = await load(stack.db, args.images, str(workdir / "bs"))
+    print(f"loaded {len(uuids):,} images in {time.perf_counter() - started:.2f}s", flush=True)
+    rng = random.Random(7)
+
+    async def query_image() -> None:
+        image_uuid = rng.choice(uuids)
+        reply = await watched(
+            client.call(
                 "QueryImage",
                 {"conditions": [{"name": "uuid", "op": "=", "value": image_uuid}]},
                 timeout=30,
-            )
-            inventories = reply.get("inventories")
-            if not reply.get("success") or not inventories or inventories[0]["uuid"] != image_uuid:
-                raise RuntimeError(f"unexpected reply: {json.dumps(reply)[:500]}")
-
-        sample = await client.call(
-            "QueryImage", {"conditions": [{"name": "uuid", "op": "=", "value": uuids[0]}]}
+            ),
+            services,
+            poll=1.0,
         )
-        reply_body = json.dumps(sample).encode()
-        request_body = json.dumps(
-            {
-                "api": "QueryImage",
-                "params": {"conditions": [{"name": "uuid", "op": "=", "value": uuids[0]}]},
-            }
-        ).encode()
-        print(f"request {len(request_body)} bytes, reply {len(reply_body)} bytes", flush=True)
+        inventories = reply.get("inventories")
+        if not reply.get("success") or not inventories or inventories[0]["uuid"] != image_uuid:
+            raise RuntimeError(f"unexpected reply: {json.dumps(reply)[:500]}")
 
-        echo = Echo(names, reply_body)
-        await echo.start()
+    params = {"conditions": [{"name": "uuid", "op": "=", "value": uuids[0]}]}
+    sample = await watched(client.call("QueryImage", params, timeout=30), services)
+    reply_body = json.dumps(sample).encode()
+    request_body = json.dumps({"api": "QueryImage", "params": params}).encode()
+    print(f"request {len(request_body)} bytes, reply {len(reply_body)} bytes", flush=True)
+
+    echo = Echo(stack.names, reply_body)
+    try:
+        await asyncio.wait_for(echo.start(), 20)
 
         async def echo_call() -> None:
-            await echo.call(client, request_body)  # type: ignore[union-attr]
+            await echo.call(client, request_body)
 
         profiler = None
         if args.profile_service:
-            process = stack.services[0].process
+            process = services[0].process
             assert process is not None
-            profiler = start_profiler(process.pid, args.profile_service)
+            profiler = start_profiler(process.pid, args.profile_service, rate=500)
             await asyncio.sleep(1.0)
         print(f"{args.calls:,} sequential calls after {args.warmup} warm-up calls each:")
         query = await measure("QueryImage uuid=<random>", query_image, args.calls, args.warmup)
         if profiler is not None:
-            profiler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
-            profiler.wait(30)
-            print(f"service profile (collapsed stacks): {args.profile_service}")
+            stop_profiler(profiler, args.profile_service, "service")
         bare = await measure("echo over the same broker", echo_call, args.calls, args.warmup)
-        for fraction, label in ((0.50, "p50"), (0.99, "p99")):
-            ratio = percentile(query, fraction) / percentile(bare, fraction)
-            print(f"ratio QueryImage/echo {label}: {ratio:.2f}")
-        print()
-        await explain(stack.db, rng.choice(uuids))
     finally:
-        if echo is not None:
-            await echo.stop()
-        if stack is not None:
-            for proc in stack.services:
-                proc.terminate(10)
-            if args.keep_logs:
-                for proc in stack.services:
-                    print(f"===== {proc.name}\n{proc.log()}")
-            with contextlib.suppress(Exception):
-                await stack.db.close()
-        await client.close()
-        await _drop_namespace(namespace, [])
-        await drop_queues(names.volume_events)
-        await _drop_database(dbname)
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def print_load(when: str) -> None:
-    """Other work on the machine skews every figure: say how busy it was."""
-    one, five, _ = os.getloadavg()
-    print(f"load average {when}: {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} CPUs")
+        await bounded("stopping the echo consumer", echo.stop())
+    for fraction, label in ((0.50, "p50"), (0.99, "p99")):
+        ratio = percentile(query, fraction) / percentile(bare, fraction)
+        print(f"ratio QueryImage/echo {label}: {ratio:.2f}")
+    print()
+    await explain(stack.db, rng.choice(uuids))
+    if args.keep_logs:
+        for proc in services:
+            print(f"===== {proc.name}\n{proc.log()}")
 
 
 def main() -> None:
@@ -371,6 +325,7 @@ def main() -> None:
     )
     parser.add_argument("--keep-logs", action="store_true", help="print the service log at the end")
     args = parser.parse_args()
+    stop_on_sigterm()
     print_load("before")
     asyncio.run(bench(args))
     print_load("after")
