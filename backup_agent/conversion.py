@@ -19,7 +19,7 @@ from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
 from backup_agent.fetchers import FetchSettings, OpFailure, redact
-from backup_agent.inspection import image_info, run_qemu_img
+from backup_agent.inspection import image_info, refuse_external_data_file, run_qemu_img
 from backup_agent.transfer import MIN_CHUNK, Progress, receive
 
 CONVERT_TIMEOUT = 4 * 3600.0
@@ -48,6 +48,7 @@ async def _check_local_chain(path: Path, fmt: str, roots: tuple[Path, ...]) -> N
         raise OpFailure("OPERATION_ERROR", f"source {path} does not exist")
     chain = await image_info(path, fmt, backing_chain=True)
     for layer in chain if isinstance(chain, list) else [chain]:
+        refuse_external_data_file(layer)
         filename = Path(layer.get("filename", ""))
         if not _within(filename, roots):
             raise OpFailure(
@@ -77,6 +78,7 @@ async def _fetch_sftp_chain(
         if current_fmt != "qcow2":
             return top
         info = await image_info(current, "qcow2")
+        refuse_external_data_file(info)
         backing = info.get("backing-filename")
         if not backing:
             return top

@@ -102,6 +102,14 @@ def sniff(path: Path, fmt: str) -> None:
                 raise OpFailure("UNSAFE_IMAGE", "declared iso but the content is not ISO 9660")
 
 
+def refuse_external_data_file(info: dict[str, Any]) -> None:
+    """A qcow2 `data-file` makes qemu-img read (or write) any file the image names: a way out
+    of the agent's directories, so any layer that has one is refused."""
+    data = info.get("format-specific", {}).get("data", {})
+    if data.get("data-file") or data.get("data-file-raw"):
+        raise OpFailure("UNSAFE_IMAGE", "the qcow2 image names an external data file")
+
+
 async def inspect_image(path: Path, fmt: str) -> ImageFacts:
     sniff(path, fmt)
     try:
@@ -110,9 +118,7 @@ async def inspect_image(path: Path, fmt: str) -> ImageFacts:
         raise OpFailure("UNSAFE_IMAGE", f"not a valid {fmt} image: {exc.details}") from None
     if info.get("backing-filename") or info.get("full-backing-filename"):
         raise OpFailure("UNSAFE_IMAGE", "the qcow2 image names a backing file")
-    data = info.get("format-specific", {}).get("data", {})
-    if data.get("data-file") or data.get("data-file-raw"):
-        raise OpFailure("UNSAFE_IMAGE", "the qcow2 image names an external data file")
+    refuse_external_data_file(info)
     return ImageFacts(
         virtual_size=int(info["virtual-size"]),
         actual_size=path.stat().st_blocks * 512,

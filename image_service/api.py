@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel
 
@@ -48,8 +49,14 @@ def _not_found(kind: str, uuid_: str) -> ApiError:
 
 def install_path(bs_url: str, image_uuid: str, name: str) -> str:
     """Where an image lives on a backup storage: `<root>/templates/<imageUuid>/<name>.template`
-    (the seed's layout). `name` was validated to hold no path separator."""
-    return f"{bs_url.rstrip('/')}/templates/{image_uuid}/{name}.template"
+    (the seed's layout). `name` was validated to hold no path separator; it is cut to
+    FILE_NAME_BYTES of UTF-8 so that the file name fits every Linux file system's 255-byte
+    limit (the directory is the image's own, so a cut name cannot collide)."""
+    stem = name.encode()[:FILE_NAME_BYTES].decode(errors="ignore")
+    return f"{bs_url.rstrip('/')}/templates/{image_uuid}/{stem}.template"
+
+
+FILE_NAME_BYTES = 200
 
 
 def unusable_reason(bs: Any) -> tuple[ErrorCode, str] | None:
@@ -172,6 +179,17 @@ async def add_image(ctx: Ctx, p: models.AddImage) -> Outcome:
     scheme = p.url.split("://", 1)[0].lower()
     if scheme not in ("http", "https", "sftp"):
         raise ApiError(ErrorCode.URL_NOT_ALLOWED, f"url: scheme {scheme!r} is not supported")
+    try:
+        password = urlsplit(p.url).password
+    except ValueError:
+        raise ApiError(ErrorCode.INVALID_ARGUMENT, "url: not a valid URL") from None
+    if password is not None:
+        # The url is stored and shown in every inventory and event: a password in it would leak.
+        raise ApiError(
+            ErrorCode.INVALID_ARGUMENT,
+            "url: a password in the URL is refused; sftp uses the agent's key, "
+            "http(s) a URL that needs no credentials",
+        )
     image = NewImage(
         uuid=p.resourceUuid or uuid.uuid4().hex,
         name=p.name,

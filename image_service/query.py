@@ -7,6 +7,7 @@ ever reaches SQL as text.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
@@ -22,6 +23,7 @@ class Kind(Enum):
     BOOL = "bool"
     DATE = "date"
     ENUM = "enum"
+    UUID = "uuid"  # char(32) columns: compared as bpchar so that their indexes are used
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,9 +38,12 @@ class Column:
         """The SQL type values are cast to before comparison with this column."""
         if self.pg_enum:
             return self.pg_enum
-        return {Kind.INT: "bigint", Kind.BOOL: "boolean", Kind.DATE: "timestamptz"}.get(
-            self.kind, "text"
-        )
+        return {
+            Kind.INT: "bigint",
+            Kind.BOOL: "boolean",
+            Kind.DATE: "timestamptz",
+            Kind.UUID: "bpchar",
+        }.get(self.kind, "text")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +71,7 @@ def _c(sql: str, kind: Kind, *choices: str, pg_enum: str | None = None) -> Colum
 BACKUP_STORAGE = Entity(
     table="backup_storage",
     columns={
-        "uuid": _c("uuid", Kind.TEXT),
+        "uuid": _c("uuid", Kind.UUID),
         "name": _c("name", Kind.TEXT),
         "description": _c("description", Kind.TEXT),
         "url": _c("url", Kind.TEXT),
@@ -86,8 +91,8 @@ BACKUP_STORAGE = Entity(
 BACKUP_STORAGE_REF = Entity(
     table="image_backup_storage_ref",
     columns={
-        "imageUuid": _c("image_uuid", Kind.TEXT),
-        "backupStorageUuid": _c("backup_storage_uuid", Kind.TEXT),
+        "imageUuid": _c("image_uuid", Kind.UUID),
+        "backupStorageUuid": _c("backup_storage_uuid", Kind.UUID),
         "installPath": _c("install_path", Kind.TEXT),
         "status": _c(
             "status", Kind.ENUM, "Creating", "Downloading", "Ready", pg_enum="image_status"
@@ -101,12 +106,12 @@ BACKUP_STORAGE_REF = Entity(
 VOLUME = Entity(
     table="volume",
     columns={
-        "uuid": _c("uuid", Kind.TEXT),
+        "uuid": _c("uuid", Kind.UUID),
         "name": _c("name", Kind.TEXT),
         "type": _c("type", Kind.ENUM, "Root", "Data"),
-        "vmInstanceUuid": _c("vm_instance_uuid", Kind.TEXT),
-        "rootImageUuid": _c("root_image_uuid", Kind.TEXT),
-        "primaryStorageUuid": _c("primary_storage_uuid", Kind.TEXT),
+        "vmInstanceUuid": _c("vm_instance_uuid", Kind.UUID),
+        "rootImageUuid": _c("root_image_uuid", Kind.UUID),
+        "primaryStorageUuid": _c("primary_storage_uuid", Kind.UUID),
         "installPath": _c("install_path", Kind.TEXT),
         "format": _c("format", Kind.TEXT),
         "size": _c("size", Kind.INT),
@@ -118,7 +123,7 @@ VOLUME = Entity(
 IMAGE = Entity(
     table="image",
     columns={
-        "uuid": _c("uuid", Kind.TEXT),
+        "uuid": _c("uuid", Kind.UUID),
         "name": _c("name", Kind.TEXT),
         "description": _c("description", Kind.TEXT),
         "state": _c("state", Kind.ENUM, "Enabled", "Disabled", pg_enum="image_state"),
@@ -160,9 +165,9 @@ IMAGE = Entity(
 USER_TAG = Entity(
     table="user_tag",
     columns={
-        "uuid": _c("uuid", Kind.TEXT),
+        "uuid": _c("uuid", Kind.UUID),
         "resourceType": _c("resource_type", Kind.TEXT),
-        "resourceUuid": _c("resource_uuid", Kind.TEXT),
+        "resourceUuid": _c("resource_uuid", Kind.UUID),
         "tag": _c("tag", Kind.TEXT),
         "type": _c("type", Kind.TEXT),
         "createDate": _c("create_date", Kind.DATE),
@@ -181,19 +186,24 @@ def _bad(details: str) -> ApiError:
     return ApiError(ErrorCode.INVALID_ARGUMENT, details)
 
 
+# ASCII digits only: `str.isdigit` also accepts superscripts and other scripts' digits.
+_INTEGER = re.compile(r"[+-]?[0-9]{1,20}")
+
+
 def cast_value(name: str, column: Column, value: Any) -> Any:
     """Cast one condition value to the column's type, or raise INVALID_ARGUMENT naming it."""
     kind = column.kind
     if kind is Kind.INT:
         if isinstance(value, bool):
             raise _bad(f"conditions: {name}: {value!r} is not an integer")
+        number: int | None = None
         if isinstance(value, int):
-            return value
-        if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+            number = value
+        elif isinstance(value, str) and _INTEGER.fullmatch(value.strip()):
             number = int(value.strip())
-            if abs(number) < 2**63:
-                return number
-        raise _bad(f"conditions: {name}: {value!r} is not an integer")
+        if number is not None and -(2**63) <= number < 2**63:
+            return number
+        raise _bad(f"conditions: {name}: {value!r} is not a 64-bit integer")
     if kind is Kind.BOOL:
         if isinstance(value, bool):
             return value

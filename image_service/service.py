@@ -76,6 +76,8 @@ def parse_envelope(body: bytes) -> Envelope:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(ErrorCode.MALFORMED_MESSAGE, f"body is not JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(ErrorCode.MALFORMED_MESSAGE, "body is nested too deeply") from None
     if not isinstance(data, dict):
         raise ApiError(ErrorCode.MALFORMED_MESSAGE, 'body must be {"api": NAME, "params": {...}}')
     data = {k: v for k, v in data.items() if k in ("api", "params")}
@@ -241,7 +243,8 @@ class ImageService:
             log.warning("malformed heartbeat dropped: %s", validation_details(exc))
             return
         async with self._transaction() as ctx:
-            row = await ctx.tx.fetchrow(
+            old_status = await ctx.tx.fetchval("bs_status_for_update", beat.uuid)
+            registered = await ctx.tx.fetchval(
                 "bs_heartbeat",
                 beat.uuid,
                 beat.name,
@@ -251,13 +254,13 @@ class ImageService:
                 beat.availableCapacity,
                 beat.heartbeatInterval,
             )
-            if row is None or row["uuid"] is None:
+            if registered is None:
                 log.info("heartbeat of deleted backup storage %s ignored", beat.uuid)
                 return
-            if row["old_status"] != "Connected":
+            if old_status != "Connected":
                 await self.bus.declare_agent_queue(beat.uuid)
                 await ctx.tx.execute("ops_resend_now", beat.uuid)
-                await self._emit_bs_status(ctx, beat.uuid, row["old_status"], "Connected")
+                await self._emit_bs_status(ctx, beat.uuid, old_status, "Connected")
 
     async def on_volume_event(self, msg: Incoming) -> None:
         """Keep the volume read model. Idempotent: replays change nothing, a deletion is a

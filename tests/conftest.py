@@ -119,7 +119,9 @@ class FileServer:
         response = web.StreamResponse(headers={"Content-Length": str(len(data))})
         await response.prepare(request)
         await response.write(data[:1024])
-        await asyncio.sleep(3600)
+        # Send nothing more, but end as soon as the client gives up so that teardown is quick.
+        while request.transport is not None and not request.transport.is_closing():  # noqa: ASYNC110
+            await asyncio.sleep(0.2)
         return response
 
     async def _slow(self, request: web.Request) -> web.StreamResponse:
@@ -347,6 +349,9 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
         db = await wait_for(lambda: _try_connect(database_url), timeout=30)
         service_proc_stack.db = db
         await wait_for(lambda: _schema_ready(db), timeout=30)
+        # The service consumes the API queue last, after migrating and declaring its topology:
+        # only then is a request sure to be served rather than dropped as unroutable.
+        await wait_for(lambda: _api_consumed(namespace), timeout=30)
         stack_ = service_proc_stack
         yield stack_
     finally:
@@ -377,6 +382,20 @@ async def _schema_ready(db: asyncpg.Connection) -> bool:
     return bool(await db.fetchval("SELECT to_regclass('public.user_tag') IS NOT NULL"))
 
 
+async def _api_consumed(namespace: str) -> bool:
+    try:
+        connection = await aio_pika.connect(AMQP_URL)
+    except Exception:
+        return False
+    async with connection:
+        channel = await connection.channel()
+        try:
+            queue = await channel.declare_queue(Names(namespace).api, passive=True)
+        except aio_pika.exceptions.ChannelClosed:
+            return False
+        return bool(queue.declaration_result.consumer_count)
+
+
 async def _drop_database(dbname: str) -> None:
     with contextlib.suppress(Exception):
         admin = await asyncpg.connect(f"{PG_URL}/postgres")
@@ -396,6 +415,7 @@ async def _drop_namespace(namespace: str, agent_uuids: list[str]) -> None:
                 names.results,
                 names.heartbeats,
                 names.dead_letters,
+                names.volume_events,
                 *(names.agent(u) for u in agent_uuids if u),
             ]:
                 channel = await connection.channel()

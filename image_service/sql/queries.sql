@@ -53,30 +53,30 @@ RETURNING rejections, routing_key;
 -- name: outbox_delete
 DELETE FROM outbox WHERE id = ANY($1::bigint[]);
 
+-- name: bs_status_for_update
+-- Read (and lock) the status before a heartbeat's upsert, so the caller publishes a status
+-- event only on a real change. A CTE cannot do this: the upsert runs first and a locking read
+-- of a row the same statement modified sees nothing.
+SELECT status::text AS status FROM backup_storage WHERE uuid = $1 FOR UPDATE;
+
 -- name: bs_heartbeat
--- Registers an agent on its first heartbeat and marks it Connected on every one. The CTE reads
--- the previous status so the caller can publish a status event only on a real change.
-WITH previous AS (
-    SELECT status FROM backup_storage WHERE uuid = $1 FOR UPDATE
-), upsert AS (
-    INSERT INTO backup_storage AS bs (uuid, name, url, hostname, total_capacity,
-                                      available_capacity, heartbeat_interval, status,
-                                      last_heartbeat)
-    SELECT $1, $2, $3, $4, $5, $6, $7, 'Connected', now()
-    WHERE NOT EXISTS (SELECT 1 FROM deleted_backup_storage d WHERE d.uuid = $1)
-    ON CONFLICT (uuid) DO UPDATE SET
-        name = EXCLUDED.name,
-        url = EXCLUDED.url,
-        hostname = EXCLUDED.hostname,
-        total_capacity = EXCLUDED.total_capacity,
-        available_capacity = EXCLUDED.available_capacity,
-        heartbeat_interval = EXCLUDED.heartbeat_interval,
-        status = 'Connected',
-        last_heartbeat = now(),
-        last_op_date = CASE WHEN bs.status <> 'Connected' THEN now() ELSE bs.last_op_date END
-    RETURNING uuid
-)
-SELECT (SELECT uuid FROM upsert) AS uuid, (SELECT status::text FROM previous) AS old_status;
+-- Registers an agent on its first heartbeat and marks it Connected on every one.
+INSERT INTO backup_storage AS bs (uuid, name, url, hostname, total_capacity,
+                                  available_capacity, heartbeat_interval, status,
+                                  last_heartbeat)
+SELECT $1, $2, $3, $4, $5, $6, $7, 'Connected', now()
+WHERE NOT EXISTS (SELECT 1 FROM deleted_backup_storage d WHERE d.uuid = $1)
+ON CONFLICT (uuid) DO UPDATE SET
+    name = EXCLUDED.name,
+    url = EXCLUDED.url,
+    hostname = EXCLUDED.hostname,
+    total_capacity = EXCLUDED.total_capacity,
+    available_capacity = EXCLUDED.available_capacity,
+    heartbeat_interval = EXCLUDED.heartbeat_interval,
+    status = 'Connected',
+    last_heartbeat = now(),
+    last_op_date = CASE WHEN bs.status <> 'Connected' THEN now() ELSE bs.last_op_date END
+RETURNING uuid;
 
 -- name: bs_mark_disconnected
 UPDATE backup_storage
@@ -86,7 +86,7 @@ WHERE status IN ('Connected', 'Connecting')
 RETURNING uuid;
 
 -- name: bs_get_many
-SELECT * FROM backup_storage WHERE uuid = ANY($1::text[]);
+SELECT * FROM backup_storage WHERE uuid = ANY($1::bpchar[]);
 
 -- name: bs_all
 SELECT * FROM backup_storage ORDER BY uuid;
@@ -106,7 +106,7 @@ DELETE FROM backup_storage WHERE uuid = $1 RETURNING uuid;
 INSERT INTO deleted_backup_storage (uuid) VALUES ($1) ON CONFLICT DO NOTHING;
 
 -- name: bs_inventories
-SELECT * FROM backup_storage WHERE uuid = ANY($1::text[]);
+SELECT * FROM backup_storage WHERE uuid = ANY($1::bpchar[]);
 
 -- name: image_insert
 INSERT INTO image (uuid, name, description, status, url, media_type, guest_os_type, platform,
@@ -161,7 +161,7 @@ SELECT i.*,
                   ORDER BY r.create_date, r.backup_storage_uuid)
            FROM image_backup_storage_ref r WHERE r.image_uuid = i.uuid
        ), '[]'::json) AS refs
-FROM image i WHERE i.uuid = ANY($1::text[]);
+FROM image i WHERE i.uuid = ANY($1::bpchar[]);
 
 -- name: ref_insert
 INSERT INTO image_backup_storage_ref (image_uuid, backup_storage_uuid, install_path, status)
@@ -247,7 +247,7 @@ RETURNING *;
 DELETE FROM user_tag WHERE uuid = $1 RETURNING uuid;
 
 -- name: tag_inventories
-SELECT * FROM user_tag WHERE uuid = ANY($1::text[]);
+SELECT * FROM user_tag WHERE uuid = ANY($1::bpchar[]);
 
 -- name: op_insert_failed
 INSERT INTO op (op_id, kind, status, message_id, image_uuid, backup_storage_uuid, command,
