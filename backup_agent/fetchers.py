@@ -8,15 +8,20 @@ every wait is bounded (connect timeout, and a stall timeout between two reads).
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import aiohttp
 import asyncssh
 
 READ_SIZE = 1 << 20
+
+log = logging.getLogger(__name__)
 
 
 class OpFailure(Exception):
@@ -39,7 +44,9 @@ class FetchSettings:
     connect_timeout: float = 15.0
     stall_timeout: float = 30.0
     ssh_key: str | None = None
-    known_hosts: str | None = None
+    # Never None when connecting: asyncssh reads `known_hosts=None` as "check nothing".
+    known_hosts: str = "~/.ssh/known_hosts"
+    trust_on_first_use: bool = False
 
 
 def redact(url: str) -> str:
@@ -81,43 +88,101 @@ async def open_http(url: str, settings: FetchSettings) -> AsyncIterator[Source]:
             raise OpFailure("DOWNLOAD_FAILED", f"{redact(url)}: {exc}") from None
 
 
+def _known_hosts_file(settings: FetchSettings) -> Path:
+    return Path(os.path.expanduser(settings.known_hosts))
+
+
+def _host_pattern(host: str, port: int) -> str:
+    return host if port == 22 else f"[{host}]:{port}"
+
+
+def _is_known(path: Path, host: str, port: int) -> bool:
+    if not path.exists():
+        return False
+    try:
+        matched = asyncssh.read_known_hosts(str(path)).match(host, "", port)
+    except (OSError, ValueError, asyncssh.Error):
+        return False
+    trusted_host_keys, trusted_ca_keys = matched[0], matched[1]
+    return bool(trusted_host_keys or trusted_ca_keys)
+
+
+def _host_key_check(host: str, port: int, settings: FetchSettings) -> str | None:
+    """What asyncssh checks the host key against: the known_hosts file; or, only with the
+    explicit trust-on-first-use option and only for a host not in that file yet, nothing (the
+    key it presents is then recorded, so that the next connection is checked)."""
+    path = _known_hosts_file(settings)
+    if _is_known(path, host, port):
+        return str(path)
+    if settings.trust_on_first_use:
+        return None
+    raise OpFailure(
+        "DOWNLOAD_FAILED",
+        f"host key of {_host_pattern(host, port)} is not in {path}; add it (ssh-keyscan) or "
+        "start the agent with --trust-on-first-use",
+    )
+
+
+def _record_host_key(conn: asyncssh.SSHClientConnection, host: str, port: int, path: Path) -> None:
+    key = conn.get_server_host_key()
+    if key is None:
+        return
+    line = f"{_host_pattern(host, port)} {key.export_public_key('openssh').decode().strip()}\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(line)
+    log.warning("trust on first use: recorded the host key of %s in %s", host, path)
+
+
 @asynccontextmanager
 async def open_sftp(url: str, settings: FetchSettings) -> AsyncIterator[Source]:
     parts = urlsplit(url)
     if not parts.hostname or not parts.path:
         raise OpFailure("DOWNLOAD_FAILED", f"{redact(url)}: no host or path")
+    host, port = parts.hostname, parts.port or 22
+    known_hosts = _host_key_check(host, port, settings)
     try:
-        async with (
-            asyncssh.connect(
-                parts.hostname,
-                port=parts.port or 22,
-                username=unquote(parts.username) if parts.username else None,
-                client_keys=[settings.ssh_key] if settings.ssh_key else (),
-                known_hosts=settings.known_hosts,
-                connect_timeout=settings.connect_timeout,
-                password=None,
-                agent_path=None,
-            ) as conn,
-            conn.start_sftp_client() as sftp,
-            sftp.open(unquote(parts.path), "rb") as remote,
-        ):
-            size = (await remote.stat()).size
-
-            async def chunks() -> AsyncIterator[bytes]:
-                while True:
-                    data = await asyncio.wait_for(remote.read(READ_SIZE), settings.stall_timeout)
-                    if not data:
-                        return
-                    assert isinstance(data, bytes)
-                    yield data
-
-            yield Source(size, chunks())
+        async with asyncssh.connect(
+            host,
+            port=port,
+            username=unquote(parts.username) if parts.username else None,
+            client_keys=[settings.ssh_key] if settings.ssh_key else (),
+            known_hosts=known_hosts,
+            connect_timeout=settings.connect_timeout,
+            password=None,
+            agent_path=None,
+        ) as conn:
+            if known_hosts is None:
+                _record_host_key(conn, host, port, _known_hosts_file(settings))
+            async with _sftp_source(conn, parts.path, settings) as source:
+                yield source
     except TimeoutError:
         raise OpFailure(
             "DOWNLOAD_FAILED", f"{redact(url)}: no data for {settings.stall_timeout:g}s"
         ) from None
     except (asyncssh.Error, OSError) as exc:
         raise OpFailure("DOWNLOAD_FAILED", f"{redact(url)}: {type(exc).__name__}: {exc}") from None
+
+
+@asynccontextmanager
+async def _sftp_source(
+    conn: asyncssh.SSHClientConnection, path: str, settings: FetchSettings
+) -> AsyncIterator[Source]:
+    async with (
+        conn.start_sftp_client() as sftp,
+        sftp.open(unquote(path), "rb") as remote,
+    ):
+        size = (await remote.stat()).size
+
+        async def chunks() -> AsyncIterator[bytes]:
+            while True:
+                data = await asyncio.wait_for(remote.read(READ_SIZE), settings.stall_timeout)
+                if not data:
+                    return
+                assert isinstance(data, bytes)
+                yield data
+
+        yield Source(size, chunks())
 
 
 Opener = Callable[[str, FetchSettings], AbstractAsyncContextManager[Source]]

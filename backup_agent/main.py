@@ -25,7 +25,16 @@ def parse_args(argv: list[str] | None = None) -> AgentSettings:
     parser.add_argument("--namespace", default=env("IMAGE_NAMESPACE", "image"))
     parser.add_argument("--heartbeat-interval", type=float, default=10.0, metavar="SECONDS")
     parser.add_argument("--ssh-key", help="private key used for sftp sources")
-    parser.add_argument("--known-hosts", help="known_hosts file of the sftp hosts trusted")
+    parser.add_argument(
+        "--known-hosts",
+        default="~/.ssh/known_hosts",
+        help="known_hosts file of the sftp hosts trusted (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--trust-on-first-use",
+        action="store_true",
+        help="accept the host key of an sftp host not in --known-hosts yet, and record it there",
+    )
     parser.add_argument(
         "--hostname", default=socket.getfqdn(), help="how volume services reach this host"
     )
@@ -71,6 +80,7 @@ def parse_args(argv: list[str] | None = None) -> AgentSettings:
             stall_timeout=args.stall_timeout,
             ssh_key=args.ssh_key,
             known_hosts=args.known_hosts,
+            trust_on_first_use=args.trust_on_first_use,
         ),
     )
 

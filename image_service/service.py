@@ -101,6 +101,7 @@ class ImageService:
         self._kick = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        self._started = time.monotonic()
 
     # --- lifecycle of the process -----------------------------------------------------
 
@@ -118,6 +119,7 @@ class ImageService:
         await self.bus.consume(self.names.results, self.on_result, prefetch=prefetch)
         await self.bus.consume(self.names.volume_events, self.on_volume_event, prefetch=prefetch)
         await self.bus.consume(self.names.api, self.on_api, prefetch=prefetch)
+        self._started = time.monotonic()
         log.info("image service started (namespace %s)", self.settings.namespace)
 
     async def stop(self) -> None:
@@ -338,7 +340,10 @@ class ImageService:
 
     async def _monitor_once(self) -> None:
         async with self._transaction() as ctx:
-            lost = await ctx.tx.fetch("bs_mark_disconnected", self.settings.missed_heartbeats)
+            uptime = time.monotonic() - self._started
+            lost = await ctx.tx.fetch(
+                "bs_mark_disconnected", self.settings.missed_heartbeats, uptime
+            )
             for row in lost:
                 log.warning("backup storage %s Disconnected (missed heartbeats)", row["uuid"])
                 await self._emit_bs_status(ctx, row["uuid"], "Connected", "Disconnected")

@@ -79,10 +79,14 @@ ON CONFLICT (uuid) DO UPDATE SET
 RETURNING uuid;
 
 -- name: bs_mark_disconnected
+-- $1 missed heartbeats, $2 this replica's uptime in seconds. A replica that just started counts
+-- its start as a heartbeat: the heartbeats (and results) sent while no replica ran are still in
+-- their queues, so silence before the start says nothing about the agent.
 UPDATE backup_storage
 SET status = 'Disconnected', last_op_date = now()
 WHERE status IN ('Connected', 'Connecting')
-  AND last_heartbeat < now() - make_interval(secs => heartbeat_interval * $1)
+  AND greatest(last_heartbeat, now() - make_interval(secs => $2))
+      < now() - make_interval(secs => heartbeat_interval * $1)
 RETURNING uuid;
 
 -- name: bs_get_many

@@ -184,6 +184,8 @@ def add_image_cases(bs_uuid: str) -> list[tuple[str, dict[str, Any], str]]:
         ("url file", {"url": "file:///etc/passwd"}, "url"),
         ("url not a url", {"url": "image.raw"}, "url"),
         ("url as list", {"url": ["http://127.0.0.1/x"]}, "url"),
+        ("url with password", {"url": "sftp://u:secret@127.0.0.1/x.raw"}, "url"),
+        ("http url with password", {"url": "http://u:secret@127.0.0.1/x.raw"}, "url"),
         ("md5Sum not hex", {"md5Sum": "not-an-md5"}, "md5Sum"),
         ("format missing", {"format": None}, "format"),
         ("format iso without ISO", {"format": "iso"}, "format"),

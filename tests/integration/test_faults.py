@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import pytest
 import pytest_asyncio
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, AbstractQueue
 
@@ -228,9 +229,13 @@ async def assert_ready_in_db(
 # --- 1. the service is SIGKILLed during a download -----------------------------------------
 
 
+@pytest.mark.parametrize("restart", ["after_download", "during_download"])
 async def test_service_killed_during_download_replies_to_original_caller(
-    stack: Stack, replies: Replies
+    stack: Stack, replies: Replies, restart: str
 ) -> None:
+    """`after_download`: the agent's result waits in the durable queue while the service is
+    dead. `during_download`: the service is away for longer than three heartbeat intervals
+    and comes back while the agent is still downloading."""
     agent = await stack.start_agent("bs1")
     data = os.urandom(SLOW_SIZE)
     md5 = hashlib.md5(data).hexdigest()
@@ -242,14 +247,17 @@ async def test_service_killed_during_download_replies_to_original_caller(
     await wait_downloading(stack, agent, image_uuid)
 
     stack.services[0].kill()
-    # The agent finishes on its own; its result waits in the durable results queue.
     final = install_path(agent, image_uuid, "big")
+    if restart == "after_download":
 
-    async def stored() -> bool:
-        return final.exists()
+        async def stored() -> bool:
+            return final.exists()
 
-    await wait_for(stored, timeout=15)
-    await asyncio.sleep(1.0)
+        await wait_for(stored, timeout=15)
+        await asyncio.sleep(1.0)
+    else:
+        await asyncio.sleep(2.0)
+        assert not final.exists(), "the download should still be running"
     assert replies.of(message_id) == []
 
     stack.restart(stack.services[0])

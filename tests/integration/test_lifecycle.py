@@ -303,6 +303,24 @@ async def test_md5_given_and_right_is_ready(stack: Stack) -> None:
     assert len(bs.files()) == 1
 
 
+async def test_longest_multibyte_name_fits_the_file_system(stack: Stack) -> None:
+    """255 characters of three UTF-8 bytes each: the image keeps its name, the file name is
+    cut to fit the 255-byte limit of the file system, and deletion still finds the file."""
+    bs = await stack.start_agent("bs1")
+    name = "镜" * 255
+    url, md5 = stack.http.add("long.raw", os.urandom(64 * 1024))
+    reply = await stack.add_image(url, [bs], name=name)
+    assert reply["success"], reply
+    inventory = reply["inventory"]
+    assert inventory["name"] == name and inventory["md5Sum"] == md5
+    (path,) = bs.files()
+    assert len(path.name.encode()) <= 255 and path.name.endswith(".template")
+    assert inventory["backupStorageRefs"][0]["installPath"] == str(path)
+    reply = await stack.call("DeleteImage", {"uuid": inventory["uuid"]})
+    assert reply["success"], reply
+    assert bs.files() == []
+
+
 async def _assert_unsafe(stack: Stack, bs: Agent, url: str, fmt: str) -> None:
     reply = await stack.add_image(url, [bs], name="unsafe", format=fmt)
     error = error_of(reply)

@@ -1011,6 +1011,39 @@ async def test_sftp_failures(stack: Stack, tmp_path: Path) -> None:
             host.assert_no_secret(proc.log())
 
 
+async def test_sftp_trust_on_first_use_is_explicit_and_records_the_key(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Only with --trust-on-first-use is an unlisted host accepted; its key is then recorded
+    and checked from the next connection on."""
+    remote = tmp_path / "hypervisor"
+    remote.mkdir()
+    img = remote / "img.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), "16M")
+    async with sftp_host(tmp_path) as host:
+        host.known_hosts.write_text("")
+        agent = await stack.start_agent("bs1", *host.agent_flags(), "--trust-on-first-use")
+        first = await stack.add_image(host.url(img), [agent], name="tofu", format="qcow2")
+        assert first["success"], first
+        recorded = host.known_hosts.read_text()
+        assert recorded.strip() == host.known_hosts_line().strip()
+        assert "trust on first use" in agent.proc.log()
+        # From now on the recorded key is checked: a different key listed for the host fails.
+        host.known_hosts.write_text(
+            host.known_hosts_line(asyncssh.generate_private_key("ssh-ed25519"))
+        )
+        image_uuid = uuid.uuid4().hex
+        reply = await stack.add_image(
+            host.url(img), [agent], name="tofu2", format="qcow2", resourceUuid=image_uuid
+        )
+        assert error_of(reply)["code"] == "DOWNLOAD_FAILED", reply
+        assert "127.0.0.1" in json.dumps(reply["error"]), reply
+        assert await stack.image_row(image_uuid) is None
+        assert not (agent.root / "templates" / image_uuid).exists()
+        assert list((agent.root / ".agent" / "partial").iterdir()) == []
+        assert [p.name for p in agent.files()] == ["tofu.template"]
+
+
 async def test_creating_is_visible_then_ready(stack: Stack, tmp_path: Path) -> None:
     remote = tmp_path / "hypervisor"
     remote.mkdir()
