@@ -551,6 +551,9 @@ async def delete_tag(ctx: Ctx, p: models.DeleteTag) -> Outcome:
 class Api:
     model: type[BaseModel]
     handler: Callable[[Ctx, Any], Awaitable[Outcome]]
+    # Reads only: its reply is stored with the message id and published directly after the
+    # commit (no outbox, no durable flush), see ImageService.on_read_only.
+    read_only: bool = False
 
 
 APIS: dict[str, Api] = {
@@ -558,8 +561,8 @@ APIS: dict[str, Api] = {
     "DeleteImage": Api(models.DeleteImage, delete_image),
     "ChangeImageState": Api(models.ChangeImageState, change_image_state),
     "UpdateImage": Api(models.UpdateImage, update_image),
-    "QueryImage": Api(models.Query, query_image),
-    "GetImageSource": Api(models.GetImageSource, get_image_source),
+    "QueryImage": Api(models.Query, query_image, read_only=True),
+    "GetImageSource": Api(models.GetImageSource, get_image_source, read_only=True),
     "CreateRootVolumeTemplateFromRootVolume": Api(
         models.CreateRootVolumeTemplateFromRootVolume, create_root_template_from_volume
     ),
@@ -569,10 +572,10 @@ APIS: dict[str, Api] = {
     "CreateDataVolumeTemplateFromVolume": Api(
         models.CreateDataVolumeTemplateFromVolume, create_data_template_from_volume
     ),
-    "QueryBackupStorage": Api(models.Query, query_backup_storage),
+    "QueryBackupStorage": Api(models.Query, query_backup_storage, read_only=True),
     "ChangeBackupStorageState": Api(models.ChangeBackupStorageState, change_backup_storage_state),
     "DeleteBackupStorage": Api(models.DeleteBackupStorage, delete_backup_storage),
     "CreateUserTag": Api(models.CreateUserTag, create_user_tag),
     "DeleteTag": Api(models.DeleteTag, delete_tag),
-    "QueryUserTag": Api(models.Query, query_user_tag),
+    "QueryUserTag": Api(models.Query, query_user_tag, read_only=True),
 }

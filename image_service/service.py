@@ -148,15 +148,17 @@ class ImageService:
                 await asyncio.sleep(1.0)
 
     @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[Ctx]:
-        """A transaction whose commit wakes the relay; a lost database means RetryLater."""
+    async def _transaction(self, *, kick: bool = True) -> AsyncIterator[Ctx]:
+        """A transaction whose commit wakes the relay (unless told it wrote no outbox row);
+        a lost database means RetryLater."""
         assert self.store is not None
         try:
             async with self.store.transaction() as tx:
                 yield Ctx(tx, Outbox(tx, self.names), "")
         except CONNECTION_ERRORS as exc:
             raise RetryLater(f"database unavailable: {exc}") from exc
-        self._kick.set()
+        if kick:
+            self._kick.set()
 
     # --- API messages -------------------------------------------------------------------
 
@@ -172,6 +174,10 @@ class ImageService:
         except ApiError as exc:
             bad_envelope = exc
         api_name = envelope.api if envelope is not None else None
+        api = APIS.get(api_name) if api_name is not None else None
+        if envelope is not None and api is not None and api.read_only:
+            await self.on_read_only(msg, envelope, message_id, correlation_id)
+            return
         async with self._transaction() as base:
             ctx = Ctx(base.tx, base.outbox, message_id)
             claimed = await ctx.tx.fetchrow(
@@ -189,6 +195,42 @@ class ImageService:
                 await settle_message(ctx, message_id)
             else:
                 await finish_message(ctx, message_id, outcome)
+
+    async def on_read_only(
+        self, msg: Incoming, envelope: Envelope, message_id: str, correlation_id: str | None
+    ) -> None:
+        """Queries and GetImageSource: the same guarantees as other APIs (a message id runs
+        once, its reply is stored and survives a crash of this process), with less latency.
+        The reply is stored with the message id in one statement, committed without waiting
+        for the WAL flush (a database crash may forget it: a re-sent id then only reads again),
+        and published straight after the commit rather than through the outbox. Should that
+        publish fail, the delivery is not acked; its redelivery finds the stored reply."""
+        async with self._transaction(kick=False) as base:
+            ctx = Ctx(base.tx, base.outbox, message_id)
+            await ctx.tx.execute("tx_async_commit")
+            body = await self._run(ctx, envelope)
+            assert not isinstance(body, AwaitOps), "a read-only API never waits for agents"
+            recorded = await ctx.tx.fetchval(
+                "inbox_record", message_id, envelope.api, msg.reply_to, correlation_id, body
+            )
+            if recorded is None:
+                await self._duplicate(ctx, msg, correlation_id)
+        if recorded is None:
+            self._kick.set()  # the duplicate's reply went to the outbox
+            return
+        if not msg.reply_to:
+            log.info("message %s (%s) had no reply_to", message_id, envelope.api)
+            return
+        try:
+            await self.bus.publish(
+                "",
+                msg.reply_to,
+                encode(body),
+                correlation_id=correlation_id,
+                persistent=False,
+            )
+        except PublishRejected as exc:
+            log.warning("the broker refused the reply to %s: %s", message_id, exc)
 
     async def _run(self, ctx: Ctx, envelope: Envelope) -> dict[str, Any] | AwaitOps:
         name = envelope.api

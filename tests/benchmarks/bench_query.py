@@ -1,6 +1,9 @@
-"""Benchmark: round trip of `QueryImage uuid=...` with 10,000 images in the database.
+"""Benchmark: round trips of QueryImage against a bare broker echo, on a loaded database.
 
     python tests/benchmarks/bench_query.py [--images 10000] [--calls 1000]
+    python tests/benchmarks/bench_query.py --large    # 100,000 images, 3 refs each, 200,000 volumes
+
+Queries timed: `uuid=X`, `volume.vmInstanceUuid=X`, `name~=%x% limit=100` and `count=true`.
 
 Starts a real image service (a process of its own, in a namespace and database of its own),
 bulk-loads images (status Ready, size and md5 set, one reference each) and one backup storage
@@ -82,17 +85,23 @@ REF_COLUMNS = [
 ]
 
 
-async def load(db: asyncpg.Connection, count: int, root: str) -> list[str]:
-    """One Connected backup storage and `count` Ready images on it; returns the image uuids."""
-    bs_uuid = uuid.uuid4().hex
-    await db.execute(
-        "INSERT INTO backup_storage (uuid, name, url, hostname, status, total_capacity,"
-        " available_capacity) VALUES ($1, 'bench', $2, 'localhost', 'Connected', $3, $4)",
-        bs_uuid,
-        root,
-        1 << 40,
-        1 << 39,
-    )
+async def load(
+    db: asyncpg.Connection, count: int, root: str, refs_per_image: int = 1, volumes: int = 0
+) -> tuple[list[str], list[str]]:
+    """`refs_per_image` Connected backup storages, `count` Ready images with a reference on
+    each, and `volumes` volumes (two per VM) made from random images; returns the image uuids
+    and the VM uuids."""
+    bs_uuids = [uuid.uuid4().hex for _ in range(refs_per_image)]
+    for index, bs_uuid in enumerate(bs_uuids):
+        await db.execute(
+            "INSERT INTO backup_storage (uuid, name, url, hostname, status, total_capacity,"
+            " available_capacity) VALUES ($1, $2, $3, 'localhost', 'Connected', $4, $5)",
+            bs_uuid,
+            f"bench{index}",
+            f"{root}{index}",
+            1 << 40,
+            1 << 39,
+        )
     rng = random.Random(42)
     start = datetime(2024, 1, 1, tzinfo=UTC)
     images, refs, uuids = [], [], []
@@ -124,13 +133,50 @@ async def load(db: asyncpg.Connection, count: int, root: str) -> list[str]:
                 created,
             )
         )
-        install_path = f"{root}/templates/{image_uuid}/{name}.template"
-        refs.append((image_uuid, bs_uuid, install_path, "Ready", created, created))
+        for index_bs, bs_uuid in enumerate(bs_uuids):
+            install_path = f"{root}{index_bs}/templates/{image_uuid}/{name}.template"
+            refs.append((image_uuid, bs_uuid, install_path, "Ready", created, created))
         uuids.append(image_uuid)
     await db.copy_records_to_table("image", records=images, columns=IMAGE_COLUMNS)
     await db.copy_records_to_table("image_backup_storage_ref", records=refs, columns=REF_COLUMNS)
-    await db.execute("ANALYZE image; ANALYZE image_backup_storage_ref; ANALYZE backup_storage")
-    return uuids
+    vms: list[str] = []
+    rows = []
+    for index in range(volumes):
+        if index % 2 == 0:
+            vms.append(uuid.UUID(int=rng.getrandbits(128)).hex)
+        created = start + timedelta(seconds=index)
+        rows.append(
+            (
+                uuid.UUID(int=rng.getrandbits(128)).hex,
+                f"volume-{index}",
+                "Root" if index % 2 == 0 else "Data",
+                vms[-1],
+                rng.choice(uuids),
+                f"file:///volumes/{index}.qcow2",
+                "qcow2",
+                1 << 30,
+                created,
+                created,
+            )
+        )
+    await db.copy_records_to_table(
+        "volume",
+        records=rows,
+        columns=[
+            "uuid",
+            "name",
+            "type",
+            "vm_instance_uuid",
+            "root_image_uuid",
+            "install_path",
+            "format",
+            "size",
+            "create_date",
+            "last_op_date",
+        ],
+    )
+    await db.execute("ANALYZE")
+    return uuids, vms
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -226,24 +272,26 @@ async def measure(
     return latencies
 
 
-async def explain(db: asyncpg.Connection, image_uuid: str) -> None:
-    """The plans of the statements a `QueryImage uuid=...` runs, as the service builds them."""
-    params = {"conditions": [{"name": "uuid", "op": "=", "value": image_uuid}]}
+async def explain(db: asyncpg.Connection, label: str, params: dict[str, Any]) -> None:
+    """The plans of the statements the service runs for one query, as it builds them."""
     compiled = compile_query(IMAGE, Query.model_validate_json(json.dumps(params)))
-    statements = [
-        ("compiled page query", compiled.select_sql, compiled.args),
-        (
-            "inventory query (i.uuid = ANY($1::text[]))",
-            "SELECT * FROM image i WHERE i.uuid = ANY($1::text[])",
-            [[image_uuid]],
-        ),
-    ]
-    for label, sql, args in statements:
+    statements = [("page", compiled.select_sql, compiled.args)]
+    if params.get("count") or params.get("replyWithCount"):
+        statements.append(("count", compiled.count_sql, compiled.count_args))
+    if not params.get("count"):
+        page = await db.fetch(compiled.select_sql, *compiled.args)
+        statements.append(
+            (
+                "inventories",
+                "SELECT * FROM image i WHERE i.uuid = ANY($1::bpchar[])",
+                [[r[0] for r in page]],
+            )
+        )
+    for kind, sql, args in statements:
         rows = await db.fetch(f"EXPLAIN (ANALYZE, COSTS OFF, TIMING ON) {sql}", *args)
-        plan = [r[0] for r in rows]
-        print(f"plan of the {label}:")
-        for line in plan:
-            print(f"    {line}")
+        print(f"plan of {label}, {kind} statement:")
+        for row in rows:
+            print(f"    {row[0]}")
 
 
 async def bench(args: argparse.Namespace) -> None:
@@ -258,56 +306,86 @@ async def bench(args: argparse.Namespace) -> None:
 async def measure_stack(stack: Stack, workdir: Path, args: argparse.Namespace) -> None:
     client, services = stack.client, stack.services
     started = time.perf_counter()
-    uuids = await load(stack.db, args.images, str(workdir / "bs"))
-    print(f"loaded {len(uuids):,} images in {time.perf_counter() - started:.2f}s", flush=True)
+    uuids, vms = await load(
+        stack.db, args.images, str(workdir / "bs"), args.refs_per_image, args.volumes
+    )
+    print(
+        f"loaded {len(uuids):,} images, {len(uuids) * args.refs_per_image:,} references, "
+        f"{args.volumes:,} volumes in {time.perf_counter() - started:.2f}s",
+        flush=True,
+    )
     rng = random.Random(7)
 
-    async def query_image() -> None:
-        image_uuid = rng.choice(uuids)
-        reply = await watched(
-            client.call(
-                "QueryImage",
-                {"conditions": [{"name": "uuid", "op": "=", "value": image_uuid}]},
-                timeout=30,
-            ),
-            services,
-            poll=1.0,
-        )
-        inventories = reply.get("inventories")
-        if not reply.get("success") or not inventories or inventories[0]["uuid"] != image_uuid:
-            raise RuntimeError(f"unexpected reply: {json.dumps(reply)[:500]}")
+    def by_uuid() -> dict[str, Any]:
+        return {"conditions": [{"name": "uuid", "op": "=", "value": rng.choice(uuids)}]}
 
-    params = {"conditions": [{"name": "uuid", "op": "=", "value": uuids[0]}]}
+    def by_vm() -> dict[str, Any]:
+        return {
+            "conditions": [{"name": "volume.vmInstanceUuid", "op": "=", "value": rng.choice(vms)}]
+        }
+
+    def by_name() -> dict[str, Any]:
+        value = f"%{rng.randrange(10, 1000)}%"
+        return {"conditions": [{"name": "name", "op": "~=", "value": value}], "limit": 100}
+
+    def count_all() -> dict[str, Any]:
+        return {"conditions": [], "count": True}
+
+    scenarios: list[tuple[str, Callable[[], dict[str, Any]]]] = [("uuid=X", by_uuid)]
+    if vms:
+        scenarios.append(("volume.vmInstanceUuid=X", by_vm))
+    scenarios += [("name~=%x% limit=100", by_name), ("count=true", count_all)]
+
+    params = by_uuid()
     sample = await watched(client.call("QueryImage", params, timeout=30), services)
     reply_body = json.dumps(sample).encode()
     request_body = json.dumps({"api": "QueryImage", "params": params}).encode()
     print(f"request {len(request_body)} bytes, reply {len(reply_body)} bytes", flush=True)
 
     echo = Echo(stack.names, reply_body)
+    results: list[tuple[str, list[float]]] = []
     try:
         await asyncio.wait_for(echo.start(), 20)
 
         async def echo_call() -> None:
             await echo.call(client, request_body)
 
-        profiler = None
-        if args.profile_service:
-            process = services[0].process
-            assert process is not None
-            profiler = start_profiler(process.pid, args.profile_service, rate=500)
-            await asyncio.sleep(1.0)
         print(f"{args.calls:,} sequential calls after {args.warmup} warm-up calls each:")
-        query = await measure("QueryImage uuid=<random>", query_image, args.calls, args.warmup)
-        if profiler is not None:
-            stop_profiler(profiler, args.profile_service, "service")
         bare = await measure("echo over the same broker", echo_call, args.calls, args.warmup)
+        for label, make in scenarios:
+
+            async def query_image(make: Callable[[], dict[str, Any]] = make) -> None:
+                reply = await watched(
+                    client.call("QueryImage", make(), timeout=30), services, poll=1.0
+                )
+                if not reply.get("success"):
+                    raise RuntimeError(f"unexpected reply: {json.dumps(reply)[:500]}")
+
+            profiler = None
+            if args.profile_service and label == "uuid=X":
+                process = services[0].process
+                assert process is not None
+                profiler = start_profiler(process.pid, args.profile_service, rate=500)
+                await asyncio.sleep(1.0)
+            results.append(
+                (label, await measure(f"QueryImage {label}", query_image, args.calls, args.warmup))
+            )
+            if profiler is not None:
+                stop_profiler(profiler, args.profile_service, "service")
+        again = await measure("echo again (drift check)", echo_call, args.calls, args.warmup)
     finally:
         await bounded("stopping the echo consumer", echo.stop())
-    for fraction, label in ((0.50, "p50"), (0.99, "p99")):
-        ratio = percentile(query, fraction) / percentile(bare, fraction)
-        print(f"ratio QueryImage/echo {label}: {ratio:.2f}")
+    baseline = bare + again
     print()
-    await explain(stack.db, rng.choice(uuids))
+    for label, latencies in results:
+        ratios = [
+            percentile(latencies, fraction) / percentile(baseline, fraction)
+            for fraction in (0.50, 0.99)
+        ]
+        print(f"ratio QueryImage {label:<26} / echo: p50 {ratios[0]:5.2f}  p99 {ratios[1]:5.2f}")
+    print()
+    for label, make in scenarios:
+        await explain(stack.db, label, make())
     if args.keep_logs:
         for proc in services:
             print(f"===== {proc.name}\n{proc.log()}")
@@ -316,6 +394,13 @@ async def measure_stack(stack: Stack, workdir: Path, args: argparse.Namespace) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=10_000)
+    parser.add_argument("--refs-per-image", type=int, default=1)
+    parser.add_argument("--volumes", type=int, default=0)
+    parser.add_argument(
+        "--large",
+        action="store_true",
+        help="100,000 images, 3 references each, 200,000 volumes (the query issue's figures)",
+    )
     parser.add_argument("--calls", type=int, default=1_000)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument(
@@ -325,6 +410,8 @@ def main() -> None:
     )
     parser.add_argument("--keep-logs", action="store_true", help="print the service log at the end")
     args = parser.parse_args()
+    if args.large:
+        args.images, args.refs_per_image, args.volumes = 100_000, 3, 200_000
     stop_on_sigterm()
     print_load("before")
     asyncio.run(bench(args))

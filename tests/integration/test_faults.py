@@ -136,13 +136,14 @@ async def image_status(stack: Stack, image_uuid: str) -> str | None:
 
 
 async def wait_downloading(stack: Stack, agent: Agent, image_uuid: str) -> None:
-    """Until the image is Downloading and the agent has written some bytes of it."""
+    """Until the image is Downloading and the agent has opened its partial file (it writes in
+    chunks of several MiB, so the file may stay empty for a while)."""
 
     async def started() -> bool:
         if await image_status(stack, image_uuid) != "Downloading":
             return False
         partial = agent.root / ".agent" / "partial"
-        return any(p.stat().st_size > 0 for p in partial.glob("*"))
+        return any(partial.glob("*"))
 
     await wait_for(started, timeout=10, interval=0.05)
 
