@@ -148,17 +148,15 @@ class ImageService:
                 await asyncio.sleep(1.0)
 
     @asynccontextmanager
-    async def _transaction(self, *, kick: bool = True) -> AsyncIterator[Ctx]:
-        """A transaction whose commit wakes the relay (unless told it wrote no outbox row);
-        a lost database means RetryLater."""
+    async def _transaction(self) -> AsyncIterator[Ctx]:
+        """A transaction whose commit wakes the relay; a lost database means RetryLater."""
         assert self.store is not None
         try:
             async with self.store.transaction() as tx:
                 yield Ctx(tx, Outbox(tx, self.names), "")
         except CONNECTION_ERRORS as exc:
             raise RetryLater(f"database unavailable: {exc}") from exc
-        if kick:
-            self._kick.set()
+        self._kick.set()
 
     # --- API messages -------------------------------------------------------------------
 
@@ -200,23 +198,26 @@ class ImageService:
         self, msg: Incoming, envelope: Envelope, message_id: str, correlation_id: str | None
     ) -> None:
         """Queries and GetImageSource: the same guarantees as other APIs (a message id runs
-        once, its reply is stored and survives a crash of this process), with less latency.
-        The reply is stored with the message id in one statement, committed without waiting
-        for the WAL flush (a database crash may forget it: a re-sent id then only reads again),
-        and published straight after the commit rather than through the outbox. Should that
-        publish fail, the delivery is not acked; its redelivery finds the stored reply."""
-        async with self._transaction(kick=False) as base:
-            ctx = Ctx(base.tx, base.outbox, message_id)
-            await ctx.tx.execute("tx_async_commit")
-            body = await self._run(ctx, envelope)
-            assert not isinstance(body, AwaitOps), "a read-only API never waits for agents"
-            recorded = await ctx.tx.fetchval(
-                "inbox_record", message_id, envelope.api, msg.reply_to, correlation_id, body
-            )
-            if recorded is None:
-                await self._duplicate(ctx, msg, correlation_id)
+        once, its reply is stored and survives a crash of this process), in fewer round trips.
+        The reads and the one statement that stores the reply with the message id run without
+        a transaction (under READ COMMITTED a transaction gives the reads no common snapshot
+        anyway), and the reply is published straight away rather than through the outbox.
+        Should that publish fail, the delivery is not acked; its redelivery finds the stored
+        reply."""
+        assert self.store is not None
+        try:
+            async with self.store.autocommit() as tx:
+                ctx = Ctx(tx, Outbox(tx, self.names), message_id)
+                body = await self._run(ctx, envelope, isolated=False)
+                assert not isinstance(body, AwaitOps), "a read-only API never waits for agents"
+                recorded = await tx.fetchval(
+                    "inbox_record", message_id, envelope.api, msg.reply_to, correlation_id, body
+                )
+        except CONNECTION_ERRORS as exc:
+            raise RetryLater(f"database unavailable: {exc}") from exc
         if recorded is None:
-            self._kick.set()  # the duplicate's reply went to the outbox
+            async with self._transaction() as ctx:
+                await self._duplicate(Ctx(ctx.tx, ctx.outbox, message_id), msg, correlation_id)
             return
         if not msg.reply_to:
             log.info("message %s (%s) had no reply_to", message_id, envelope.api)
@@ -232,7 +233,11 @@ class ImageService:
         except PublishRejected as exc:
             log.warning("the broker refused the reply to %s: %s", message_id, exc)
 
-    async def _run(self, ctx: Ctx, envelope: Envelope) -> dict[str, Any] | AwaitOps:
+    async def _run(
+        self, ctx: Ctx, envelope: Envelope, *, isolated: bool = True
+    ) -> dict[str, Any] | AwaitOps:
+        """Run one API. `isolated`: inside a savepoint, so that a handler that fails leaves
+        no partial writes (read-only handlers write nothing and need none)."""
         name = envelope.api
         api = APIS.get(name)
         if api is None:
@@ -244,7 +249,10 @@ class ImageService:
                 params = api.model.model_validate_json(json.dumps(envelope.params))
             except ValidationError as exc:
                 raise ApiError(ErrorCode.INVALID_ARGUMENT, validation_details(exc)) from None
-            async with ctx.tx.savepoint():
+            if isolated:
+                async with ctx.tx.savepoint():
+                    outcome = await api.handler(ctx, params)
+            else:
                 outcome = await api.handler(ctx, params)
         except ApiError as exc:
             return error_reply(name, exc)

@@ -107,8 +107,9 @@ class Tx:
 
 
 class Store:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, read_pool: asyncpg.Pool) -> None:
         self.pool = pool
+        self.read_pool = read_pool
 
     @classmethod
     async def open(cls, database_url: str, *, min_size: int = 2, max_size: int = 10) -> Store:
@@ -117,10 +118,27 @@ class Store:
             database_url, min_size=min_size, max_size=max_size, init=_init_connection
         )
         assert pool is not None
-        return cls(pool)
+        read_pool = await asyncpg.create_pool(
+            database_url,
+            min_size=1,
+            max_size=max_size,
+            init=_init_connection,
+            server_settings={"synchronous_commit": "off"},
+        )
+        assert read_pool is not None
+        return cls(pool, read_pool)
 
     async def close(self) -> None:
+        await self.read_pool.close()
         await self.pool.close()
+
+    @asynccontextmanager
+    async def autocommit(self) -> AsyncIterator[Tx]:
+        """No transaction: every statement commits on its own, and without waiting for the
+        WAL flush. For the read-only APIs, whose one write (their reply, kept for duplicates)
+        costs only a re-run of a read if a database crash forgets it."""
+        async with self.read_pool.acquire() as conn:
+            yield Tx(conn)
 
     async def migrate(self) -> None:
         schema = resources.files("image_service").joinpath("sql/schema.sql").read_text()

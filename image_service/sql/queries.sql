@@ -16,11 +16,6 @@ VALUES ($1, $2, $3, $4, $5, now())
 ON CONFLICT (message_id) DO NOTHING
 RETURNING message_id;
 
--- name: tx_async_commit
--- For transactions whose loss in a database crash costs nothing but a re-run of a read: do
--- not wait for the WAL flush at commit.
-SET LOCAL synchronous_commit TO off;
-
 -- name: inbox_get
 SELECT message_id, api, reply_to, correlation_id, image_uuid, reply
 FROM inbox WHERE message_id = $1;
