@@ -223,17 +223,33 @@ def _template_source(kind: str, row: Any) -> tuple[str, str]:
     return str(path), str(fmt)
 
 
-def _template(
-    p: models.CreateTemplateParams, *, url: str, media_type: str, source: tuple[str, str]
-) -> NewImage:
-    path, fmt = source
+async def _create_template(
+    ctx: Ctx,
+    p: models.CreateTemplateParams,
+    *,
+    kind: str,
+    source_uuid: str,
+    media_type: str,
+    root_volume_only: bool = False,
+) -> Outcome:
+    """A Creating image made from a volume (`kind` "volume") or a volume snapshot."""
+    row = await ctx.tx.fetchrow("volume_get" if kind == "volume" else "snapshot_get", source_uuid)
+    if row is None:
+        raise _not_found(kind, source_uuid)
+    if root_volume_only and row["type"] != "Root":
+        raise ApiError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"rootVolumeUuid: volume {source_uuid} is a {row['type']} volume, not Root",
+        )
+    path, fmt = _template_source(kind, row)
+    scheme = "volume" if kind == "volume" else "volumeSnapshot"
     root = p if isinstance(p, models.CreateRootTemplateParams) else None
-    return NewImage(
+    image = NewImage(
         uuid=p.resourceUuid or uuid.uuid4().hex,
         name=p.name,
         description=p.description,
         status=Status.Creating,
-        url=url,
+        url=f"{scheme}://{source_uuid}",
         media_type=media_type,
         guest_os_type=root.guestOsType if root else None,
         platform=root.platform.value if root else models.Platform.Linux.value,
@@ -243,56 +259,40 @@ def _template(
         op_kind="create",
         command={"command": "create", "source": path, "sourceFormat": fmt},
     )
+    return await create_image(ctx, image, p.backupStorageUuids)
 
 
 async def create_root_template_from_volume(
     ctx: Ctx, p: models.CreateRootVolumeTemplateFromRootVolume
 ) -> Outcome:
-    volume = await ctx.tx.fetchrow("volume_get", p.rootVolumeUuid)
-    if volume is None:
-        raise _not_found("volume", p.rootVolumeUuid)
-    if volume["type"] != "Root":
-        raise ApiError(
-            ErrorCode.INVALID_ARGUMENT,
-            f"rootVolumeUuid: volume {p.rootVolumeUuid} is a {volume['type']} volume, not Root",
-        )
-    image = _template(
+    return await _create_template(
+        ctx,
         p,
-        url=f"volume://{p.rootVolumeUuid}",
+        kind="volume",
+        source_uuid=p.rootVolumeUuid,
         media_type="RootVolumeTemplate",
-        source=_template_source("volume", volume),
+        root_volume_only=True,
     )
-    return await create_image(ctx, image, p.backupStorageUuids)
 
 
 async def create_root_template_from_snapshot(
     ctx: Ctx, p: models.CreateRootVolumeTemplateFromVolumeSnapshot
 ) -> Outcome:
-    snapshot = await ctx.tx.fetchrow("snapshot_get", p.snapshotUuid)
-    if snapshot is None:
-        raise _not_found("volume snapshot", p.snapshotUuid)
-    image = _template(
+    return await _create_template(
+        ctx,
         p,
-        url=f"volumeSnapshot://{p.snapshotUuid}",
+        kind="volume snapshot",
+        source_uuid=p.snapshotUuid,
         media_type="RootVolumeTemplate",
-        source=_template_source("volume snapshot", snapshot),
     )
-    return await create_image(ctx, image, p.backupStorageUuids)
 
 
 async def create_data_template_from_volume(
     ctx: Ctx, p: models.CreateDataVolumeTemplateFromVolume
 ) -> Outcome:
-    volume = await ctx.tx.fetchrow("volume_get", p.volumeUuid)
-    if volume is None:
-        raise _not_found("volume", p.volumeUuid)
-    image = _template(
-        p,
-        url=f"volume://{p.volumeUuid}",
-        media_type="DataVolumeTemplate",
-        source=_template_source("volume", volume),
+    return await _create_template(
+        ctx, p, kind="volume", source_uuid=p.volumeUuid, media_type="DataVolumeTemplate"
     )
-    return await create_image(ctx, image, p.backupStorageUuids)
 
 
 async def delete_image(ctx: Ctx, p: models.DeleteImage) -> Outcome:

@@ -231,7 +231,12 @@ class ImageService:
                 persistent=False,
             )
         except PublishRejected as exc:
-            log.warning("the broker refused the reply to %s: %s", message_id, exc)
+            # This message's own reply-to may be at fault (a forged direct reply-to makes the
+            # broker close the publishing connection), or it may have gone down with another
+            # one's: hand it to the outbox, whose relay retries and drops what is refused twice.
+            log.warning("reply to %s not published (%s); handed to the outbox", message_id, exc)
+            async with self._transaction() as ctx:
+                await ctx.outbox.reply(msg.reply_to, correlation_id, body)
 
     async def _run(
         self, ctx: Ctx, envelope: Envelope, *, isolated: bool = True
