@@ -33,20 +33,6 @@ async def raw_call(
     return await asyncio.wait_for(future, timeout)
 
 
-async def service_ready(stack: Stack) -> None:
-    """The `stack` fixture yields once the schema exists, which is a moment before the service
-    has declared `NS.api`; a message published in between is unroutable and dropped."""
-
-    async def answered() -> bool:
-        try:
-            reply = await stack.client.call("QueryImage", {"conditions": []}, timeout=1)
-        except TimeoutError:
-            return False
-        return bool(reply["success"])
-
-    await wait_for(answered, timeout=30)
-
-
 async def assert_serving(stack: Stack) -> None:
     reply = await stack.call("QueryImage", {"conditions": [], "count": True}, timeout=15)
     assert reply["success"] is True, reply
@@ -103,7 +89,6 @@ MALFORMED_BODIES: list[bytes] = [
 
 
 async def test_malformed_messages(stack: Stack) -> None:
-    await service_ready(stack)
     wrong: list[tuple[bytes, Any]] = []
     for body in MALFORMED_BODIES:
         try:
@@ -118,7 +103,6 @@ async def test_malformed_messages(stack: Stack) -> None:
 
 
 async def test_unknown_api(stack: Stack) -> None:
-    await service_ready(stack)
     for name in ("FormatDisk", "addImage", "ADDIMAGE", "Add Image", "__init__"):
         reply = await raw_call(stack, json.dumps({"api": name, "params": {}}).encode())
         error = error_of(reply)
@@ -127,7 +111,6 @@ async def test_unknown_api(stack: Stack) -> None:
 
 
 async def test_correlation_id_is_honoured(stack: Stack) -> None:
-    await service_ready(stack)
     correlation = f"corr-{uuid.uuid4().hex}"
     reply = await raw_call(
         stack,
@@ -246,7 +229,6 @@ async def test_unknown_backup_storage_is_not_found(stack: Stack) -> None:
 
 
 async def test_missing_image_is_not_found(stack: Stack) -> None:
-    await service_ready(stack)
     missing = uuid.uuid4().hex
     for api, params in [
         ("ChangeImageState", {"uuid": missing, "stateEvent": "disable"}),

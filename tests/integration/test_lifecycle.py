@@ -130,20 +130,6 @@ async def query_image(stack: Stack, image_uuid: str) -> dict[str, Any] | None:
     return found[0] if found else None
 
 
-async def service_ready(stack: Stack) -> None:
-    """The `stack` fixture yields once the schema exists, which is a moment before the service
-    has declared `NS.api`; a message published in between is unroutable and dropped."""
-
-    async def answered() -> bool:
-        try:
-            reply = await stack.client.call("QueryImage", {"conditions": []}, timeout=1)
-        except TimeoutError:
-            return False
-        return bool(reply["success"])
-
-    await wait_for(answered, timeout=30)
-
-
 async def image_count(stack: Stack) -> int:
     return int(await stack.db.fetchval("SELECT count(*) FROM image"))
 
@@ -638,7 +624,6 @@ async def test_enforcing_delete_with_disconnected_holder_cleans_up_on_return(
 
 
 async def test_delete_nonexistent_image_succeeds(stack: Stack) -> None:
-    await service_ready(stack)
     reply = await stack.call("DeleteImage", {"uuid": uuid.uuid4().hex})
     assert reply["success"] is True, reply
     reply = await stack.call("DeleteImage", {"uuid": uuid.uuid4().hex, "deleteMode": "Enforcing"})
