@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -33,9 +33,16 @@ def allowed_from(target: Status) -> list[str]:
 
 
 def iso(value: datetime | None) -> str | None:
+    """`2024-01-31T08:00:00.000000Z`. isoformat is C code, several times faster than strftime,
+    which showed in the profile of queries returning many inventories."""
     if value is None:
         return None
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    if value.utcoffset() != _ZERO:
+        value = value.astimezone(UTC)
+    return value.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+
+
+_ZERO = timedelta(0)
 
 
 def image_inventory(row: Any) -> dict[str, Any]:
@@ -58,8 +65,8 @@ def image_inventory(row: Any) -> dict[str, Any]:
         "md5Sum": row["md5_sum"],
         "type": row["type"],
         "backupStorageRefs": list(row["refs"]),
-        "createDate": iso(row["create_date"]),
-        "lastOpDate": iso(row["last_op_date"]),
+        "createDate": row["created_iso"],
+        "lastOpDate": row["last_op_iso"],
     }
 
 

@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from image_service.names import Names
 from image_service.store import Tx
 
@@ -35,4 +37,9 @@ class Outbox:
 
 
 def encode(body: Any) -> bytes:
-    return json.dumps(body, separators=(",", ":")).encode()
+    """JSON bytes of a message body: orjson, several times faster than json on the large
+    replies of queries; json only for what orjson refuses (integers beyond 64 bits)."""
+    try:
+        return orjson.dumps(body)
+    except TypeError:
+        return json.dumps(body, separators=(",", ":")).encode()

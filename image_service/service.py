@@ -210,8 +210,14 @@ class ImageService:
                 ctx = Ctx(tx, Outbox(tx, self.names), message_id)
                 body = await self._run(ctx, envelope, isolated=False)
                 assert not isinstance(body, AwaitOps), "a read-only API never waits for agents"
+                payload = encode(body)
                 recorded = await tx.fetchval(
-                    "inbox_record", message_id, envelope.api, msg.reply_to, correlation_id, body
+                    "inbox_record",
+                    message_id,
+                    envelope.api,
+                    msg.reply_to,
+                    correlation_id,
+                    payload.decode(),
                 )
         except CONNECTION_ERRORS as exc:
             raise RetryLater(f"database unavailable: {exc}") from exc
@@ -224,11 +230,7 @@ class ImageService:
             return
         try:
             await self.bus.publish(
-                "",
-                msg.reply_to,
-                encode(body),
-                correlation_id=correlation_id,
-                persistent=False,
+                "", msg.reply_to, payload, correlation_id=correlation_id, persistent=False
             )
         except PublishRejected as exc:
             # This message's own reply-to may be at fault (a forged direct reply-to makes the

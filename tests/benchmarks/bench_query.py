@@ -175,7 +175,9 @@ async def load(
             "last_op_date",
         ],
     )
-    await db.execute("ANALYZE")
+    # As autovacuum leaves a table in steady state: statistics, and the visibility map that
+    # lets count(*) read only an index.
+    await db.execute("VACUUM ANALYZE")
     return uuids, vms
 
 
@@ -189,8 +191,8 @@ class Echo:
     """The baseline: a consumer that answers every request at once with a fixed body, on a
     queue declared like `NS.api` (durable quorum queue), replying like the service does."""
 
-    def __init__(self, names: Names, reply_body: bytes) -> None:
-        self.queue_name = f"{names.namespace}.bench-echo"
+    def __init__(self, names: Names, reply_body: bytes, suffix: str = "") -> None:
+        self.queue_name = f"{names.namespace}.bench-echo{suffix}"
         self.names = names
         self.reply_body = reply_body
         self.connection: aio_pika.abc.AbstractRobustConnection | None = None
@@ -342,16 +344,28 @@ async def measure_stack(stack: Stack, workdir: Path, args: argparse.Namespace) -
     request_body = json.dumps({"api": "QueryImage", "params": params}).encode()
     print(f"request {len(request_body)} bytes, reply {len(reply_body)} bytes", flush=True)
 
+    wide = {"conditions": [{"name": "name", "op": "~=", "value": "%1%"}], "limit": 100}
+    wide_body = json.dumps(await client.call("QueryImage", wide, timeout=30)).encode()
+    print(f"a 100-inventory reply: {len(wide_body):,} bytes", flush=True)
+
     echo = Echo(stack.names, reply_body)
+    echo_wide = Echo(stack.names, wide_body, "-wide")
     results: list[tuple[str, list[float]]] = []
     try:
         await asyncio.wait_for(echo.start(), 20)
+        await asyncio.wait_for(echo_wide.start(), 20)
 
         async def echo_call() -> None:
             await echo.call(client, request_body)
 
+        async def echo_wide_call() -> None:
+            await echo_wide.call(client, request_body)
+
         print(f"{args.calls:,} sequential calls after {args.warmup} warm-up calls each:")
         bare = await measure("echo over the same broker", echo_call, args.calls, args.warmup)
+        bare_wide = await measure(
+            "echo, 100-inventory reply", echo_wide_call, args.calls, args.warmup
+        )
         for label, make in scenarios:
 
             async def query_image(make: Callable[[], dict[str, Any]] = make) -> None:
@@ -362,7 +376,7 @@ async def measure_stack(stack: Stack, workdir: Path, args: argparse.Namespace) -
                     raise RuntimeError(f"unexpected reply: {json.dumps(reply)[:500]}")
 
             profiler = None
-            if args.profile_service and label == "uuid=X":
+            if args.profile_service and label.startswith(args.profile_query):
                 process = services[0].process
                 assert process is not None
                 profiler = start_profiler(process.pid, args.profile_service, rate=500)
@@ -375,6 +389,7 @@ async def measure_stack(stack: Stack, workdir: Path, args: argparse.Namespace) -
         again = await measure("echo again (drift check)", echo_call, args.calls, args.warmup)
     finally:
         await bounded("stopping the echo consumer", echo.stop())
+        await bounded("stopping the wide echo consumer", echo_wide.stop())
     baseline = bare + again
     print()
     for label, latencies in results:
@@ -383,6 +398,15 @@ async def measure_stack(stack: Stack, workdir: Path, args: argparse.Namespace) -
             for fraction in (0.50, 0.99)
         ]
         print(f"ratio QueryImage {label:<26} / echo: p50 {ratios[0]:5.2f}  p99 {ratios[1]:5.2f}")
+        if label.startswith("name"):
+            wide_ratios = [
+                percentile(latencies, fraction) / percentile(bare_wide, fraction)
+                for fraction in (0.50, 0.99)
+            ]
+            print(
+                f"ratio QueryImage {label:<26} / echo of a 100-inventory reply: "
+                f"p50 {wide_ratios[0]:5.2f}  p99 {wide_ratios[1]:5.2f}"
+            )
     print()
     for label, make in scenarios:
         await explain(stack.db, label, make())
@@ -407,6 +431,9 @@ def main() -> None:
         "--profile-service",
         metavar="FILE",
         help="record the service with py-spy during the QueryImage calls (collapsed stacks)",
+    )
+    parser.add_argument(
+        "--profile-query", default="uuid", help="which query --profile-service records (uuid)"
     )
     parser.add_argument("--keep-logs", action="store_true", help="print the service log at the end")
     args = parser.parse_args()
