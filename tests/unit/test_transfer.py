@@ -66,7 +66,36 @@ async def test_abort_closes_the_file(tmp_path: Path) -> None:
     writer = HashingWriter(tmp_path / "partial")
     await writer.write(os.urandom((1 << 20) + 1))
     await writer.abort()
-    assert writer._file.closed
+    with pytest.raises(OSError):
+        os.fstat(writer._fd)
+
+
+async def test_more_pieces_than_one_writev_takes(tmp_path: Path) -> None:
+    data = os.urandom(3 * transfer.IOV_MAX + 17)
+    path = tmp_path / "image"
+    with mock.patch.object(transfer, "MIN_CHUNK", len(data)):
+        received = await write_in_chunks(path, data, [1, 2, 3])
+    assert received == Received(len(data), hashlib.md5(data).hexdigest())
+    assert path.read_bytes() == data
+
+
+async def test_short_writes_are_completed(tmp_path: Path) -> None:
+    """writev may write less than asked; the rest must follow, in order."""
+    real_writev = os.writev
+
+    def stingy(fd: int, buffers: list[bytes]) -> int:
+        first = bytes(buffers[0])
+        return real_writev(fd, [first[: max(1, len(first) // 3)]])
+
+    data = os.urandom(200_000)
+    path = tmp_path / "image"
+    with (
+        mock.patch.object(transfer, "MIN_CHUNK", 50_000),
+        mock.patch.object(transfer.os, "writev", stingy),
+    ):
+        received = await write_in_chunks(path, data, [7_000, 13_001])
+    assert received == Received(len(data), hashlib.md5(data).hexdigest())
+    assert path.read_bytes() == data
 
 
 # --- sniffing the declared format --------------------------------------------------------
