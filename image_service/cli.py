@@ -156,8 +156,14 @@ def main(argv: list[str] | None = None) -> None:
     except (OSError, ConnectionError) as exc:
         print(f"image-cli: cannot reach the broker: {exc}", file=sys.stderr)
         sys.exit(1)
-    json.dump(reply, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    try:
+        json.dump(reply, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader (`| head`) went away: not an error of ours. Point stdout at devnull so
+        # that the interpreter's final flush does not complain again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.exit(0 if reply.get("success") else 1)
 
 
