@@ -133,7 +133,9 @@ class Store:
             min_size=1,
             max_size=max_size,
             init=_init_connection,
-            server_settings={"synchronous_commit": "off"},
+            # Custom plans: a generic plan cannot see the value of `name LIKE $1` and may
+            # walk the whole createDate index instead of using the trigram index.
+            server_settings={"synchronous_commit": "off", "plan_cache_mode": "force_custom_plan"},
         )
         assert read_pool is not None
         return cls(pool, read_pool)
