@@ -108,19 +108,21 @@ def _is_known(path: Path, host: str, port: int) -> bool:
 
 
 def _host_key_check(host: str, port: int, settings: FetchSettings) -> str | None:
-    """What asyncssh checks the host key against: the known_hosts file; or, only with the
-    explicit trust-on-first-use option and only for a host not in that file yet, nothing (the
-    key it presents is then recorded, so that the next connection is checked)."""
+    """What asyncssh checks the host key against: the known_hosts file (asyncssh matches it by
+    host name and by address); or, only with the explicit trust-on-first-use option and only
+    for a host not in that file yet, nothing (the key it presents is then recorded, so that the
+    next connection is checked)."""
     path = _known_hosts_file(settings)
-    if _is_known(path, host, port):
-        return str(path)
-    if settings.trust_on_first_use:
+    if settings.trust_on_first_use and not _is_known(path, host, port):
         return None
-    raise OpFailure(
-        "DOWNLOAD_FAILED",
-        f"host key of {_host_pattern(host, port)} is not in {path}; add it (ssh-keyscan) or "
-        "start the agent with --trust-on-first-use",
-    )
+    if not path.is_file():
+        raise OpFailure(
+            "DOWNLOAD_FAILED",
+            f"no known_hosts file at {path} to check the host key of "
+            f"{_host_pattern(host, port)}; add the key (ssh-keyscan) or start the agent with "
+            "--trust-on-first-use",
+        )
+    return str(path)
 
 
 def _record_host_key(conn: asyncssh.SSHClientConnection, host: str, port: int, path: Path) -> None:
