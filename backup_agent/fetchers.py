@@ -8,6 +8,7 @@ every wait is bounded (connect timeout, and a stall timeout between two reads).
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
@@ -96,25 +97,58 @@ def _host_pattern(host: str, port: int) -> str:
     return host if port == 22 else f"[{host}]:{port}"
 
 
-def _is_known(path: Path, host: str, port: int) -> bool:
-    if not path.exists():
-        return False
+def _listed(path: Path, host: str, addr: str, port: int) -> bool:
+    """Does known_hosts say anything about this host (by name or address): a key, a CA, a
+    revocation? A file that cannot be read or parsed counts as saying something: trust on first
+    use must fail closed, never treat a damaged file as an empty one."""
     try:
-        matched = asyncssh.read_known_hosts(str(path)).match(host, "", port)
-    except (OSError, ValueError, asyncssh.Error):
-        return False
-    trusted_host_keys, trusted_ca_keys = matched[0], matched[1]
-    return bool(trusted_host_keys or trusted_ca_keys)
+        matched = asyncssh.read_known_hosts(str(path)).match(host, addr, port)
+    except (OSError, ValueError, asyncssh.Error) as exc:
+        log.error("known_hosts %s unreadable (%s): refusing unknown host keys", path, exc)
+        return True
+    return any(matched)
 
 
-def _host_key_check(host: str, port: int, settings: FetchSettings) -> str | None:
-    """What asyncssh checks the host key against: the known_hosts file (asyncssh matches it by
-    host name and by address); or, only with the explicit trust-on-first-use option and only
-    for a host not in that file yet, nothing (the key it presents is then recorded, so that the
-    next connection is checked)."""
+class _TrustOnFirstUse(asyncssh.SSHClient):
+    """asyncssh asks this only about a key that known_hosts does not trust (revoked keys are
+    refused before): accept it when the file lists nothing at all for the host, and record it
+    there, so that every later connection is checked against it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def validate_host_public_key(
+        self, host: str, addr: str, port: int, key: asyncssh.SSHKey
+    ) -> bool:
+        with self.path.open("a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # one agent, several downloads: one check-and-append
+            if _listed(self.path, host, addr, port):
+                return False
+            f.seek(0, os.SEEK_END)
+            if f.tell():
+                f.seek(f.tell() - 1)
+                last = f.read(1)
+                if last != "\n":
+                    f.write("\n")
+            entry = _host_pattern(host, port)
+            f.write(f"{entry} {key.export_public_key('openssh').decode().strip()}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        log.warning("trust on first use: recorded the host key of %s in %s", entry, self.path)
+        return True
+
+
+def _host_key_policy(
+    host: str, port: int, settings: FetchSettings
+) -> tuple[str, Callable[[], asyncssh.SSHClient] | None]:
+    """The known_hosts file asyncssh checks host keys against (by name and by address), and,
+    only with the explicit trust-on-first-use option, the client that may accept the key of
+    a host that file does not mention yet."""
     path = _known_hosts_file(settings)
-    if settings.trust_on_first_use and not _is_known(path, host, port):
-        return None
+    if settings.trust_on_first_use:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600, exist_ok=True)
+        return str(path), lambda: _TrustOnFirstUse(path)
     if not path.is_file():
         raise OpFailure(
             "DOWNLOAD_FAILED",
@@ -122,18 +156,14 @@ def _host_key_check(host: str, port: int, settings: FetchSettings) -> str | None
             f"{_host_pattern(host, port)}; add the key (ssh-keyscan) or start the agent with "
             "--trust-on-first-use",
         )
-    return str(path)
+    return str(path), None
 
 
-def _record_host_key(conn: asyncssh.SSHClientConnection, host: str, port: int, path: Path) -> None:
-    key = conn.get_server_host_key()
-    if key is None:
-        return
-    line = f"{_host_pattern(host, port)} {key.export_public_key('openssh').decode().strip()}\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(line)
-    log.warning("trust on first use: recorded the host key of %s in %s", host, path)
+def _check_readable(path: Path) -> None:
+    try:
+        asyncssh.read_known_hosts(str(path))
+    except (OSError, ValueError, asyncssh.Error) as exc:
+        raise OpFailure("DOWNLOAD_FAILED", f"known_hosts {path} cannot be used: {exc}") from None
 
 
 @asynccontextmanager
@@ -142,22 +172,24 @@ async def open_sftp(url: str, settings: FetchSettings) -> AsyncIterator[Source]:
     if not parts.hostname or not parts.path:
         raise OpFailure("DOWNLOAD_FAILED", f"{redact(url)}: no host or path")
     host, port = parts.hostname, parts.port or 22
-    known_hosts = _host_key_check(host, port, settings)
+    known_hosts, client_factory = _host_key_policy(host, port, settings)
+    _check_readable(Path(known_hosts))
     try:
-        async with asyncssh.connect(
-            host,
-            port=port,
-            username=unquote(parts.username) if parts.username else None,
-            client_keys=[settings.ssh_key] if settings.ssh_key else (),
-            known_hosts=known_hosts,
-            connect_timeout=settings.connect_timeout,
-            password=None,
-            agent_path=None,
-        ) as conn:
-            if known_hosts is None:
-                _record_host_key(conn, host, port, _known_hosts_file(settings))
-            async with _sftp_source(conn, parts.path, settings) as source:
-                yield source
+        async with (
+            asyncssh.connect(
+                host,
+                port=port,
+                username=unquote(parts.username) if parts.username else None,
+                client_keys=[settings.ssh_key] if settings.ssh_key else (),
+                known_hosts=known_hosts,
+                client_factory=client_factory,
+                connect_timeout=settings.connect_timeout,
+                password=None,
+                agent_path=None,
+            ) as conn,
+            _sftp_source(conn, parts.path, settings) as source,
+        ):
+            yield source
     except TimeoutError:
         raise OpFailure(
             "DOWNLOAD_FAILED", f"{redact(url)}: no data for {settings.stall_timeout:g}s"

@@ -14,6 +14,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -44,6 +45,10 @@ class HashingWriter:
         self._pieces: list[bytes] = []
         self._gathered = 0
         self._pending: asyncio.Future[Any] | None = None
+        # Held by whoever uses or closes the descriptor: a worker thread may still be writing
+        # when the download is cancelled, and abort() must not close the descriptor under it
+        # (nor let a later write reach a number that another file has taken since).
+        self._fd_lock = threading.Lock()
         self._unsynced = 0
         self.size = 0
 
@@ -52,6 +57,16 @@ class HashingWriter:
             self._md5.update(piece)
 
     def _write(self, pieces: list[bytes], length: int) -> None:
+        with self._fd_lock:
+            if self._fd < 0:
+                return  # aborted meanwhile
+            self._write_all(pieces)
+            self._unsynced += length
+            if self._unsynced >= SYNC_EVERY:
+                os.fdatasync(self._fd)
+                self._unsynced = 0
+
+    def _write_all(self, pieces: list[bytes]) -> None:
         queue: list[bytes | memoryview] = [piece for piece in pieces if piece]
         start = 0
         while start < len(queue):
@@ -67,10 +82,6 @@ class HashingWriter:
                 else:
                     queue[start] = memoryview(piece)[written:]
                     written = 0
-        self._unsynced += length
-        if self._unsynced >= SYNC_EVERY:
-            os.fdatasync(self._fd)
-            self._unsynced = 0
 
     async def _wait(self) -> None:
         if self._pending is not None:
@@ -104,16 +115,34 @@ class HashingWriter:
         return Received(self.size, self._md5.hexdigest())
 
     def _sync_close(self) -> None:
-        try:
-            os.fsync(self._fd)
-        finally:
-            os.close(self._fd)
+        with self._fd_lock:
+            fd, self._fd = self._fd, -1
+            if fd < 0:
+                return
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def _close_quietly(self) -> None:
+        with self._fd_lock:
+            fd, self._fd = self._fd, -1
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     async def abort(self) -> None:
-        with contextlib.suppress(Exception):
-            await self._wait()
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
+        # Waits (in a thread) for a write in progress to release the descriptor; never closes
+        # it twice. The outcome of the last hand-off no longer matters: consume it quietly.
+        if self._pending is not None:
+            self._pending.add_done_callback(_consume_outcome)
+            self._pending = None
+        await asyncio.to_thread(self._close_quietly)
+
+
+def _consume_outcome(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def receive(

@@ -562,7 +562,7 @@ APIS: dict[str, Api] = {
     "ChangeImageState": Api(models.ChangeImageState, change_image_state),
     "UpdateImage": Api(models.UpdateImage, update_image),
     "QueryImage": Api(models.Query, query_image, read_only=True),
-    "GetImageSource": Api(models.GetImageSource, get_image_source, read_only=True),
+    "GetImageSource": Api(models.GetImageSource, get_image_source),
     "CreateRootVolumeTemplateFromRootVolume": Api(
         models.CreateRootVolumeTemplateFromRootVolume, create_root_template_from_volume
     ),

@@ -53,12 +53,27 @@ class PublishRejected(Exception):
     to it): retrying it forever would wedge whatever is queued behind it."""
 
 
+class Unroutable(PublishRejected):
+    """The broker returned the message: no queue by that name (a caller that went away)."""
+
+
 # Broker answers to a publish that blame the message rather than the network.
 _REJECTIONS: tuple[type[BaseException], ...] = (
     aiormq.exceptions.ConnectionInternalError,
     aiormq.exceptions.AMQPChannelError,
     aiormq.exceptions.DeliveryError,
 )
+
+
+async def _publish_or_reject(
+    target: AbstractExchange, message: aio_pika.Message, routing_key: str
+) -> None:
+    try:
+        await target.publish(message, routing_key=routing_key, timeout=PUBLISH_TIMEOUT)
+    except aiormq.exceptions.DeliveryError as exc:
+        raise Unroutable(f"{routing_key}: {exc!r}") from exc
+    except _REJECTIONS as exc:
+        raise PublishRejected(f"{routing_key}: {exc!r}") from exc
 
 
 class RetryLater(Exception):
@@ -77,6 +92,12 @@ class Bus:
         # connection (RabbitMQ does so for a forged direct reply-to) must not drop consumers.
         self.publish_connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractChannel | None = None
+        # Direct replies of read-only APIs (ImageService.on_read_only) have a connection of
+        # their own, opened on first use: when a forged reply-to makes the broker close it, the
+        # outbox relay's publishes, on the other connection, are not hit and not blamed.
+        self._reply_connection: AbstractRobustConnection | None = None
+        self._reply_channel: AbstractChannel | None = None
+        self._reply_lock = asyncio.Lock()
         self._consume_channels: list[AbstractChannel] = []
         # Strong references: connect_robust only restores what is still referenced.
         self._queues: list[AbstractQueue] = []
@@ -183,10 +204,28 @@ class Bus:
             target = self._events
         else:
             target = await channel.get_exchange(exchange, ensure=False)
-        try:
-            await target.publish(message, routing_key=routing_key, timeout=PUBLISH_TIMEOUT)
-        except _REJECTIONS as exc:
-            raise PublishRejected(f"{routing_key}: {exc!r}") from exc
+        await _publish_or_reject(target, message, routing_key)
+
+    async def publish_reply(
+        self, reply_to: str, body: bytes, *, correlation_id: str | None
+    ) -> None:
+        """A reply straight to its caller, on the reply connection (see __init__)."""
+        async with self._reply_lock:
+            if self._reply_connection is None:
+                self._reply_connection = await aio_pika.connect_robust(
+                    self.amqp_url,
+                    client_properties={"connection_name": f"{self.connection_name} (replies)"},
+                    reconnect_interval=1,
+                )
+                self._reply_channel = await self._reply_connection.channel(publisher_confirms=True)
+        assert self._reply_channel is not None
+        message = aio_pika.Message(
+            body,
+            content_type="application/json",
+            correlation_id=correlation_id,
+            delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+        )
+        await _publish_or_reject(self._reply_channel.default_exchange, message, reply_to)
 
     async def consume(self, queue_name: str, handler: Handler, *, prefetch: int = 16) -> None:
         """Consume `queue_name` on a channel of its own, `prefetch` deliveries at a time."""
@@ -266,7 +305,7 @@ class Bus:
         return int(count or 0)
 
     async def close(self) -> None:
-        for connection in (self.connection, self.publish_connection):
+        for connection in (self.connection, self.publish_connection, self._reply_connection):
             if connection is not None:
                 await connection.close()
 

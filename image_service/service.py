@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from image_service.api import APIS, AwaitOps
-from image_service.bus import Bus, Incoming, PublishRejected, RetryLater
+from image_service.bus import Bus, Incoming, PublishRejected, RetryLater, Unroutable
 from image_service.errors import ApiError, ErrorCode
 from image_service.lifecycle import backup_storage_inventory
 from image_service.models import AgentResult, Envelope, Heartbeat, SnapshotEvent, VolumeEvent
@@ -101,7 +101,7 @@ class ImageService:
         self._kick = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
-        self._started = time.monotonic()
+        self._heard_since = time.monotonic()
 
     # --- lifecycle of the process -----------------------------------------------------
 
@@ -119,7 +119,7 @@ class ImageService:
         await self.bus.consume(self.names.results, self.on_result, prefetch=prefetch)
         await self.bus.consume(self.names.volume_events, self.on_volume_event, prefetch=prefetch)
         await self.bus.consume(self.names.api, self.on_api, prefetch=prefetch)
-        self._started = time.monotonic()
+        self._heard_since = time.monotonic()
         log.info("image service started (namespace %s)", self.settings.namespace)
 
     async def stop(self) -> None:
@@ -155,6 +155,8 @@ class ImageService:
             async with self.store.transaction() as tx:
                 yield Ctx(tx, Outbox(tx, self.names), "")
         except CONNECTION_ERRORS as exc:
+            # Heartbeats wait in their queue meanwhile: do not judge agents by this silence.
+            self._heard_since = time.monotonic()
             raise RetryLater(f"database unavailable: {exc}") from exc
         self._kick.set()
 
@@ -197,7 +199,7 @@ class ImageService:
     async def on_read_only(
         self, msg: Incoming, envelope: Envelope, message_id: str, correlation_id: str | None
     ) -> None:
-        """Queries and GetImageSource: the same guarantees as other APIs (a message id runs
+        """The queries: the same guarantees as other APIs (a message id runs
         once, its reply is stored and survives a crash of this process), in fewer round trips.
         The reads and the one statement that stores the reply with the message id run without
         a transaction (under READ COMMITTED a transaction gives the reads no common snapshot
@@ -220,6 +222,7 @@ class ImageService:
                     payload.decode(),
                 )
         except CONNECTION_ERRORS as exc:
+            self._heard_since = time.monotonic()
             raise RetryLater(f"database unavailable: {exc}") from exc
         if recorded is None:
             async with self._transaction() as ctx:
@@ -229,13 +232,13 @@ class ImageService:
             log.info("message %s (%s) had no reply_to", message_id, envelope.api)
             return
         try:
-            await self.bus.publish(
-                "", msg.reply_to, payload, correlation_id=correlation_id, persistent=False
-            )
+            await self.bus.publish_reply(msg.reply_to, payload, correlation_id=correlation_id)
+        except Unroutable as exc:
+            # No queue by that name: the caller went away (or never was). Nobody to answer.
+            log.warning("reply to %s dropped: %s", message_id, exc)
         except PublishRejected as exc:
-            # This message's own reply-to may be at fault (a forged direct reply-to makes the
-            # broker close the publishing connection), or it may have gone down with another
-            # one's: hand it to the outbox, whose relay retries and drops what is refused twice.
+            # The reply connection was closed under it: by this message's own forged reply-to,
+            # or by another one's. The outbox relay retries it, and drops what is refused twice.
             log.warning("reply to %s not published (%s); handed to the outbox", message_id, exc)
             async with self._transaction() as ctx:
                 await ctx.outbox.reply(msg.reply_to, correlation_id, body)
@@ -303,7 +306,7 @@ class ImageService:
             return
         async with self._transaction() as ctx:
             old_status = await ctx.tx.fetchval("bs_status_for_update", beat.uuid)
-            registered = await ctx.tx.fetchval(
+            registered = await ctx.tx.fetchrow(
                 "bs_heartbeat",
                 beat.uuid,
                 beat.name,
@@ -316,7 +319,8 @@ class ImageService:
             if registered is None:
                 log.info("heartbeat of deleted backup storage %s ignored", beat.uuid)
                 return
-            if old_status != "Connected":
+            changed = registered["inserted"] if old_status is None else old_status != "Connected"
+            if changed:
                 await self.bus.declare_agent_queue(beat.uuid)
                 await ctx.tx.execute("ops_resend_now", beat.uuid)
                 await self._emit_bs_status(ctx, beat.uuid, old_status, "Connected")
@@ -397,9 +401,9 @@ class ImageService:
 
     async def _monitor_once(self) -> None:
         async with self._transaction() as ctx:
-            uptime = time.monotonic() - self._started
+            heard_for = time.monotonic() - self._heard_since
             lost = await ctx.tx.fetch(
-                "bs_mark_disconnected", self.settings.missed_heartbeats, uptime
+                "bs_mark_disconnected", self.settings.missed_heartbeats, heard_for
             )
             for row in lost:
                 log.warning("backup storage %s Disconnected (missed heartbeats)", row["uuid"])

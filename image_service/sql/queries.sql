@@ -69,7 +69,9 @@ DELETE FROM outbox WHERE id = ANY($1::bigint[]);
 SELECT status::text AS status FROM backup_storage WHERE uuid = $1 FOR UPDATE;
 
 -- name: bs_heartbeat
--- Registers an agent on its first heartbeat and marks it Connected on every one.
+-- Registers an agent on its first heartbeat and marks it Connected on every one. `inserted`
+-- tells a registration from an update (xmax is 0 only on a row this statement inserted): two
+-- first heartbeats handled at once both read no previous status, and only one inserts.
 INSERT INTO backup_storage AS bs (uuid, name, url, hostname, total_capacity,
                                   available_capacity, heartbeat_interval, status,
                                   last_heartbeat)
@@ -85,15 +87,17 @@ ON CONFLICT (uuid) DO UPDATE SET
     status = 'Connected',
     last_heartbeat = now(),
     last_op_date = CASE WHEN bs.status <> 'Connected' THEN now() ELSE bs.last_op_date END
-RETURNING uuid;
+RETURNING uuid, (xmax = 0) AS inserted;
 
 -- name: bs_mark_disconnected
--- $1 missed heartbeats, $2 this replica's uptime in seconds. A replica that just started counts
--- its start as a heartbeat: the heartbeats (and results) sent while no replica ran are still in
--- their queues, so silence before the start says nothing about the agent.
+-- $1 missed heartbeats, $2 seconds since this replica could last rely on having consumed the
+-- heartbeats: since it started, or since its database came back. That moment counts as a
+-- heartbeat: the heartbeats (and results) sent while it could not consume them are still in
+-- their queues, so silence before it says nothing about the agent.
 UPDATE backup_storage
 SET status = 'Disconnected', last_op_date = now()
 WHERE status IN ('Connected', 'Connecting')
+  AND last_heartbeat IS NOT NULL
   AND greatest(last_heartbeat, now() - make_interval(secs => $2))
       < now() - make_interval(secs => heartbeat_interval * $1)
 RETURNING uuid;

@@ -194,13 +194,28 @@ CREATE TABLE IF NOT EXISTS volume_snapshot (
 );
 
 -- Stored replies and outbox bodies can be large (a query's page of inventories): lz4 compresses
--- them about five times faster than the default pglz. Where the server lacks lz4 (before
--- PostgreSQL 14, or built without it) the default stays.
+-- them about five times faster than the default pglz. Only when not set yet (the ALTER locks
+-- the table; a replica restarting must not stall the others), and through EXECUTE, so that a
+-- server without lz4 or older than PostgreSQL 14 only keeps pglz.
 DO $$
+DECLARE
+    target record;
 BEGIN
-    ALTER TABLE inbox ALTER COLUMN reply SET COMPRESSION lz4;
-    ALTER TABLE outbox ALTER COLUMN body SET COMPRESSION lz4;
+    IF current_setting('server_version_num')::int < 140000 THEN
+        RETURN;
+    END IF;
+    FOR target IN
+        SELECT c.relname, a.attname
+        FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+        WHERE c.relnamespace = 'public'::regnamespace
+          AND (c.relname, a.attname) IN (('inbox', 'reply'), ('outbox', 'body'))
+          AND a.attcompression IS DISTINCT FROM 'l'
+    LOOP
+        PERFORM set_config('lock_timeout', '5s', true);
+        EXECUTE format('ALTER TABLE %I ALTER COLUMN %I SET COMPRESSION lz4',
+                       target.relname, target.attname);
+    END LOOP;
 EXCEPTION WHEN OTHERS THEN
-    RAISE NOTICE 'lz4 compression unavailable (%): replies are compressed with pglz', SQLERRM;
+    RAISE NOTICE 'lz4 compression not set (%): replies are compressed with pglz', SQLERRM;
 END
 $$;

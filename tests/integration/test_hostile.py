@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 
@@ -29,3 +30,34 @@ async def test_forged_direct_reply_to_does_not_wedge_the_service(stack: Stack) -
     await wait_for(outbox_empty, timeout=30)
     reply = await stack.call("QueryBackupStorage", {"conditions": []}, timeout=10)
     assert reply["success"], reply
+
+
+async def test_forged_reply_to_queries_do_not_cost_other_callers_their_replies(
+    stack: Stack,
+) -> None:
+    """Forged direct reply-tos arriving among ordinary calls (queries answered directly and
+    write APIs answered through the outbox): every ordinary caller still gets its reply."""
+
+    async def forge() -> None:
+        await stack.client.publish_raw(
+            json.dumps({"api": "QueryImage", "params": {}}).encode(),
+            message_id=uuid.uuid4().hex,
+            reply_to=FORGED_REPLY_TO,
+        )
+
+    calls = []
+    for _ in range(6):
+        await forge()
+        calls.append(stack.call("QueryImage", {"conditions": []}, timeout=30))
+        calls.append(
+            stack.call(
+                "ChangeImageState", {"uuid": uuid.uuid4().hex, "stateEvent": "disable"}, timeout=30
+            )
+        )
+    replies = await asyncio.gather(*calls)
+    for reply in replies:
+        if reply["api"] == "QueryImage":
+            assert reply["success"], reply
+        else:
+            assert reply["error"]["code"] == "RESOURCE_NOT_FOUND", reply
+    assert stack.services[0].running

@@ -1020,13 +1020,18 @@ async def test_sftp_trust_on_first_use_is_explicit_and_records_the_key(
     remote.mkdir()
     img = remote / "img.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", str(img), "16M")
+    other_key = asyncssh.generate_private_key("ssh-ed25519")
+    other = f"[elsewhere.example]:2222 {other_key.export_public_key().decode().strip()}"
     async with sftp_host(tmp_path) as host:
-        host.known_hosts.write_text("")
+        # Another host pinned on a last line without a newline: it must stay intact.
+        host.known_hosts.write_text(other)
         agent = await stack.start_agent("bs1", *host.agent_flags(), "--trust-on-first-use")
         first = await stack.add_image(host.url(img), [agent], name="tofu", format="qcow2")
         assert first["success"], first
-        recorded = host.known_hosts.read_text()
-        assert recorded.strip() == host.known_hosts_line().strip()
+        recorded = host.known_hosts.read_text().splitlines()
+        assert recorded == [other, host.known_hosts_line().strip()]
+        pinned = asyncssh.read_known_hosts(str(host.known_hosts))
+        assert pinned.match("elsewhere.example", "", 2222)[0] == [other_key.convert_to_public()]
         assert "trust on first use" in agent.proc.log()
         # From now on the recorded key is checked: a different key listed for the host fails.
         host.known_hosts.write_text(
@@ -1042,6 +1047,11 @@ async def test_sftp_trust_on_first_use_is_explicit_and_records_the_key(
         assert not (agent.root / "templates" / image_uuid).exists()
         assert list((agent.root / ".agent" / "partial").iterdir()) == []
         assert [p.name for p in agent.files()] == ["tofu.template"]
+        # A known_hosts file that cannot be parsed is never taken for an empty one.
+        host.known_hosts.write_text("shortline\n")
+        reply = await stack.add_image(host.url(img), [agent], name="tofu3", format="qcow2")
+        assert error_of(reply)["code"] == "DOWNLOAD_FAILED", reply
+        assert host.known_hosts.read_text() == "shortline\n"
 
 
 async def test_creating_is_visible_then_ready(stack: Stack, tmp_path: Path) -> None:
