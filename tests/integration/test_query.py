@@ -1289,11 +1289,9 @@ async def test_hypothesis_condition_lists_agree_with_python_model(stack: Stack) 
 # --- the command line ---------------------------------------------------------------------
 
 
-async def cli(stack: Stack, *args: str) -> tuple[int, str, str]:
+async def _run_cli(stack: Stack, program: list[str], *args: str) -> tuple[int, str, str]:
     process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "image_service.cli",
+        *program,
         "--amqp-url",
         AMQP_URL,
         "--namespace",
@@ -1307,25 +1305,16 @@ async def cli(stack: Stack, *args: str) -> tuple[int, str, str]:
     out, err = await asyncio.wait_for(process.communicate(), 60)
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
+
+
+async def cli(stack: Stack, *args: str) -> tuple[int, str, str]:
+    """`python -m image_service.cli`."""
+    return await _run_cli(stack, [sys.executable, "-m", "image_service.cli"], *args)
 
 
 async def image_cli(stack: Stack, *args: str) -> tuple[int, str, str]:
     """The installed `image-cli` console script."""
-    process = await asyncio.create_subprocess_exec(
-        str(Path(sys.executable).with_name("image-cli")),
-        "--amqp-url",
-        AMQP_URL,
-        "--namespace",
-        stack.namespace,
-        "--timeout",
-        "30",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
+    return await _run_cli(stack, [str(Path(sys.executable).with_name("image-cli"))], *args)
 
 
 async def test_command_line_queries(stack: Stack) -> None:
