@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import aiohttp
@@ -97,22 +98,23 @@ def _host_pattern(host: str, port: int) -> str:
     return host if port == 22 else f"[{host}]:{port}"
 
 
-def _listed(path: Path, host: str, addr: str, port: int) -> bool:
-    """Does known_hosts say anything about this host (by name or address): a key, a CA, a
-    revocation? A file that cannot be read or parsed counts as saying something: trust on first
-    use must fail closed, never treat a damaged file as an empty one."""
+def _entries_for(path: Path, host: str, addr: str, port: int) -> tuple[Any, ...] | None:
+    """What known_hosts says about this host (by name or address), as asyncssh's match gives
+    it: (trusted host keys, trusted CA keys, revoked keys, x509 entries...). None when the file
+    cannot be read or parsed: trust on first use must then fail closed, never take a damaged
+    file for an empty one."""
     try:
-        matched = asyncssh.read_known_hosts(str(path)).match(host, addr, port)
+        return tuple(asyncssh.read_known_hosts(str(path)).match(host, addr, port))
     except (OSError, ValueError, asyncssh.Error) as exc:
         log.error("known_hosts %s unreadable (%s): refusing unknown host keys", path, exc)
-        return True
-    return any(matched)
+        return None
 
 
 class _TrustOnFirstUse(asyncssh.SSHClient):
-    """asyncssh asks this only about a key that known_hosts does not trust (revoked keys are
-    refused before): accept it when the file lists nothing at all for the host, and record it
-    there, so that every later connection is checked against it."""
+    """asyncssh asks this only about a key that the known_hosts it was given does not trust
+    (revoked keys are refused before): accept it when the file, read again now, lists nothing
+    at all for the host, and record it there, so that every later connection is checked
+    against it. A key recorded meanwhile by another download is accepted if it is this one."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -122,13 +124,16 @@ class _TrustOnFirstUse(asyncssh.SSHClient):
     ) -> bool:
         with self.path.open("a+") as f:
             fcntl.flock(f, fcntl.LOCK_EX)  # one agent, several downloads: one check-and-append
-            if _listed(self.path, host, addr, port):
+            entries = _entries_for(self.path, host, addr, port)
+            if entries is None:
                 return False
+            if any(entries):
+                trusted, revoked = entries[0], entries[2]
+                return key in trusted and key not in revoked
             f.seek(0, os.SEEK_END)
             if f.tell():
                 f.seek(f.tell() - 1)
-                last = f.read(1)
-                if last != "\n":
+                if f.read(1) != "\n":
                     f.write("\n")
             entry = _host_pattern(host, port)
             f.write(f"{entry} {key.export_public_key('openssh').decode().strip()}\n")
@@ -140,30 +145,28 @@ class _TrustOnFirstUse(asyncssh.SSHClient):
 
 def _host_key_policy(
     host: str, port: int, settings: FetchSettings
-) -> tuple[str, Callable[[], asyncssh.SSHClient] | None]:
-    """The known_hosts file asyncssh checks host keys against (by name and by address), and,
-    only with the explicit trust-on-first-use option, the client that may accept the key of
-    a host that file does not mention yet."""
+) -> tuple[asyncssh.SSHKnownHosts, Callable[[], asyncssh.SSHClient] | None]:
+    """The known_hosts asyncssh checks host keys against (by name and by address), read once
+    here, and, only with the explicit trust-on-first-use option, the client that may accept
+    the key of a host that file does not mention yet."""
     path = _known_hosts_file(settings)
+    client_factory: Callable[[], asyncssh.SSHClient] | None = None
     if settings.trust_on_first_use:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch(mode=0o600, exist_ok=True)
-        return str(path), lambda: _TrustOnFirstUse(path)
-    if not path.is_file():
+        client_factory = lambda: _TrustOnFirstUse(path)  # noqa: E731
+    elif not path.is_file():
         raise OpFailure(
             "DOWNLOAD_FAILED",
             f"no known_hosts file at {path} to check the host key of "
             f"{_host_pattern(host, port)}; add the key (ssh-keyscan) or start the agent with "
             "--trust-on-first-use",
         )
-    return str(path), None
-
-
-def _check_readable(path: Path) -> None:
     try:
-        asyncssh.read_known_hosts(str(path))
+        known_hosts = asyncssh.read_known_hosts(str(path))
     except (OSError, ValueError, asyncssh.Error) as exc:
         raise OpFailure("DOWNLOAD_FAILED", f"known_hosts {path} cannot be used: {exc}") from None
+    return known_hosts, client_factory
 
 
 @asynccontextmanager
@@ -173,7 +176,6 @@ async def open_sftp(url: str, settings: FetchSettings) -> AsyncIterator[Source]:
         raise OpFailure("DOWNLOAD_FAILED", f"{redact(url)}: no host or path")
     host, port = parts.hostname, parts.port or 22
     known_hosts, client_factory = _host_key_policy(host, port, settings)
-    _check_readable(Path(known_hosts))
     try:
         async with (
             asyncssh.connect(

@@ -1,10 +1,11 @@
 """Streaming an image from its source to disk, hashing it on the way.
 
-Pieces are gathered into chunks of 4 MiB (as a list: never joined, never copied); each chunk is
-hashed in one worker thread and written with one writev in another at the same time (hashlib and file writes release the GIL) while the event
-loop reads the next one, so memory stays at a few chunks whatever the image size. Written data
-is flushed to disk every 256 MiB, so the final fsync does not wait for a whole image's worth of
-dirty pages (measured in tests/benchmarks/bench_add_image.py).
+Pieces are gathered into chunks of 4 MiB (as a list: never joined, never copied); each chunk
+is hashed in one worker thread and written with writev in another at the same time (hashlib and
+file writes release the GIL) while the event loop reads the next one, so memory stays at a few
+chunks whatever the image size. Written data is flushed to disk every 256 MiB, so the final
+fsync does not wait for a whole image's worth of dirty pages (measured in
+tests/benchmarks/bench_add_image.py).
 """
 
 from __future__ import annotations

@@ -199,8 +199,8 @@ class ImageService:
     async def on_read_only(
         self, msg: Incoming, envelope: Envelope, message_id: str, correlation_id: str | None
     ) -> None:
-        """The queries: the same guarantees as other APIs (a message id runs
-        once, its reply is stored and survives a crash of this process), in fewer round trips.
+        """The queries: the same guarantees as other APIs (a message id runs once, its reply
+        is stored and survives a crash of this process), in fewer round trips.
         The reads and the one statement that stores the reply with the message id run without
         a transaction (under READ COMMITTED a transaction gives the reads no common snapshot
         anyway), and the reply is published straight away rather than through the outbox.

@@ -319,6 +319,24 @@ class Stack:
         }
         return await self.call("AddImage", body)
 
+    async def publish_event(self, routing_key: str, body: bytes | dict[str, Any]) -> None:
+        """Publish on `NS.events` as the volume service would (a body given as bytes is sent
+        as it is, to test malformed events)."""
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        connection = await aio_pika.connect(AMQP_URL)
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            exchange = await channel.get_exchange(self.names.events)
+            await exchange.publish(
+                aio_pika.Message(
+                    data,
+                    content_type="application/json",
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                ),
+                routing_key=routing_key,
+                timeout=10,
+            )
+
     async def image_row(self, image_uuid: str) -> asyncpg.Record | None:
         return await self.db.fetchrow("SELECT * FROM image WHERE uuid = $1", image_uuid)
 

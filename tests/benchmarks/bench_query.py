@@ -181,6 +181,15 @@ async def load(
     return uuids, vms
 
 
+def ratios(latencies: list[float], baseline: list[float]) -> tuple[float, float]:
+    """p50 and p99 of `latencies`, each divided by the same percentile of `baseline`."""
+    p50, p99 = (
+        percentile(latencies, fraction) / percentile(baseline, fraction)
+        for fraction in (0.50, 0.99)
+    )
+    return p50, p99
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(fraction * len(ordered)) - 1))
@@ -393,19 +402,13 @@ async def measure_stack(stack: Stack, workdir: Path, args: argparse.Namespace) -
     baseline = bare + again
     print()
     for label, latencies in results:
-        ratios = [
-            percentile(latencies, fraction) / percentile(baseline, fraction)
-            for fraction in (0.50, 0.99)
-        ]
-        print(f"ratio QueryImage {label:<26} / echo: p50 {ratios[0]:5.2f}  p99 {ratios[1]:5.2f}")
+        p50, p99 = ratios(latencies, baseline)
+        print(f"ratio QueryImage {label:<26} / echo: p50 {p50:5.2f}  p99 {p99:5.2f}")
         if label.startswith("name"):
-            wide_ratios = [
-                percentile(latencies, fraction) / percentile(bare_wide, fraction)
-                for fraction in (0.50, 0.99)
-            ]
+            p50, p99 = ratios(latencies, bare_wide)
             print(
                 f"ratio QueryImage {label:<26} / echo of a 100-inventory reply: "
-                f"p50 {wide_ratios[0]:5.2f}  p99 {wide_ratios[1]:5.2f}"
+                f"p50 {p50:5.2f}  p99 {p99:5.2f}"
             )
     print()
     for label, make in scenarios:

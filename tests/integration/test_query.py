@@ -21,7 +21,6 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import asyncpg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -169,25 +168,6 @@ async def invalid(
     assert reply["success"] is False, (conditions, params, reply)
     assert reply["error"]["code"] == "INVALID_ARGUMENT", reply
     return str(reply["error"].get("details") or "")
-
-
-async def publish_event(stack: Stack, routing_key: str, body: bytes | dict[str, Any]) -> None:
-    """Publish on `NS.events` as the volume service would."""
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        channel = await connection.channel(publisher_confirms=True)
-        exchange = await channel.declare_exchange(
-            stack.names.events, aio_pika.ExchangeType.TOPIC, durable=True
-        )
-        await exchange.publish(
-            aio_pika.Message(
-                data,
-                content_type="application/json",
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            ),
-            routing_key=routing_key,
-        )
 
 
 def volume_body(vol_uuid: str, vm: str | None, image: str | None, **extra: Any) -> dict[str, Any]:
@@ -519,13 +499,12 @@ async def test_volume_events_feed_volume_queries(stack: Stack) -> None:
     async def vm_images(vm: str) -> set[str]:
         return await names(stack, ("volume.vmInstanceUuid", "=", vm))
 
-    await publish_event(stack, f"volume.created.{v1}", volume_body(v1, vm1, img_a.uuid))
-    await publish_event(
-        stack,
+    await stack.publish_event(f"volume.created.{v1}", volume_body(v1, vm1, img_a.uuid))
+    await stack.publish_event(
         f"volume.created.{v2}",
         volume_body(v2, vm1, img_a.uuid, type="Data", size=2**40),
     )
-    await publish_event(stack, f"volume.created.{v3}", volume_body(v3, vm2, img_b.uuid))
+    await stack.publish_event(f"volume.created.{v3}", volume_body(v3, vm2, img_b.uuid))
     await wait_for(lambda: _count_volumes(stack, 3), timeout=10)
     # Two volumes of vm1 come from image-a: the image is listed once and counted once.
     reply = await query(stack, ("volume.vmInstanceUuid", "=", vm1), replyWithCount=True)
@@ -542,28 +521,28 @@ async def test_volume_events_feed_volume_queries(stack: Stack) -> None:
     assert await names(stack, ("volume.uuid", "=", v3)) == {"image-b"}
 
     # updated: v3 moves to vm3.
-    await publish_event(stack, f"volume.updated.{v3}", volume_body(v3, vm3, img_b.uuid))
+    await stack.publish_event(f"volume.updated.{v3}", volume_body(v3, vm3, img_b.uuid))
     assert await wait_for(lambda: vm_images(vm3), timeout=10) == {"image-b"}
     assert await vm_images(vm2) == set()
 
     # deleted: v1 drops out; image-a still has v2 on vm1, then none.
-    await publish_event(stack, f"volume.deleted.{v1}", {"uuid": v1})
+    await stack.publish_event(f"volume.deleted.{v1}", {"uuid": v1})
     await wait_for(lambda: _is_empty(names(stack, ("volume.uuid", "=", v1))), timeout=10)
     assert await vm_images(vm1) == {"image-a"}
-    await publish_event(stack, f"volume.deleted.{v2}", volume_body(v2, vm1, img_a.uuid))
+    await stack.publish_event(f"volume.deleted.{v2}", volume_body(v2, vm1, img_a.uuid))
     await wait_for(lambda: _is_empty(vm_images(vm1)), timeout=10)
     assert await names(stack, ("volume.type", "=", "Data")) == set()
 
     # A replayed `created` after `deleted` does not revive; nor does a `created` that arrives
     # after its own `deleted` (reordered). A deleted event is idempotent.
     v4 = hexid()
-    await publish_event(stack, f"volume.deleted.{v4}", {"uuid": v4})
-    await publish_event(stack, f"volume.created.{v1}", volume_body(v1, vm1, img_a.uuid))
-    await publish_event(stack, f"volume.deleted.{v1}", {"uuid": v1})
-    await publish_event(stack, f"volume.created.{v4}", volume_body(v4, vm1, img_b.uuid))
-    await publish_event(stack, f"volume.updated.{v2}", volume_body(v2, vm1, img_a.uuid))
+    await stack.publish_event(f"volume.deleted.{v4}", {"uuid": v4})
+    await stack.publish_event(f"volume.created.{v1}", volume_body(v1, vm1, img_a.uuid))
+    await stack.publish_event(f"volume.deleted.{v1}", {"uuid": v1})
+    await stack.publish_event(f"volume.created.{v4}", volume_body(v4, vm1, img_b.uuid))
+    await stack.publish_event(f"volume.updated.{v2}", volume_body(v2, vm1, img_a.uuid))
     marker = hexid()
-    await publish_event(stack, f"volume.created.{marker}", volume_body(marker, vm2, img_b.uuid))
+    await stack.publish_event(f"volume.created.{marker}", volume_body(marker, vm2, img_b.uuid))
     assert await wait_for(lambda: vm_images(vm2), timeout=10) == {"image-b"}
     await asyncio.sleep(0.5)  # in case events are handled concurrently
     assert await vm_images(vm1) == set()
@@ -583,17 +562,17 @@ async def test_malformed_volume_events_are_dropped(stack: Stack) -> None:
     await insert_images(stack.db, [img])
     vm = hexid()
     routed, body_uuid, good = hexid(), hexid(), hexid()
-    await publish_event(stack, f"volume.created.{routed}", b"garbage{")
-    await publish_event(stack, f"volume.created.{routed}", b'["not", "an", "object"]')
-    await publish_event(stack, f"volume.created.{routed}", {"uuid": "not-a-uuid"})
-    await publish_event(
-        stack, f"volume.created.{routed}", volume_body(routed, vm, img.uuid, size="huge")
+    await stack.publish_event(f"volume.created.{routed}", b"garbage{")
+    await stack.publish_event(f"volume.created.{routed}", b'["not", "an", "object"]')
+    await stack.publish_event(f"volume.created.{routed}", {"uuid": "not-a-uuid"})
+    await stack.publish_event(
+        f"volume.created.{routed}", volume_body(routed, vm, img.uuid, size="huge")
     )
     # The body names another volume than the routing key.
-    await publish_event(stack, f"volume.created.{routed}", volume_body(body_uuid, vm, img.uuid))
-    await publish_event(stack, f"volume.exploded.{routed}", volume_body(routed, vm, img.uuid))
+    await stack.publish_event(f"volume.created.{routed}", volume_body(body_uuid, vm, img.uuid))
+    await stack.publish_event(f"volume.exploded.{routed}", volume_body(routed, vm, img.uuid))
     # A later good event still applies: the queue is not blocked.
-    await publish_event(stack, f"volume.created.{good}", volume_body(good, vm, img.uuid))
+    await stack.publish_event(f"volume.created.{good}", volume_body(good, vm, img.uuid))
     assert await wait_for(lambda: names(stack, ("volume.vmInstanceUuid", "=", vm))) == {"image-m"}
     await asyncio.sleep(0.3)
     rows = await stack.db.fetch("SELECT uuid FROM volume")

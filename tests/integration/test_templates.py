@@ -23,10 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import asyncssh
 
-from tests.conftest import AMQP_URL, Agent, EventRecorder, Stack, wait_for
+from tests.conftest import Agent, EventRecorder, Stack, wait_for
 
 MiB = 1 << 20
 VIRTUAL = 32 * MiB
@@ -79,23 +78,6 @@ def md5_of(path: Path | str) -> str:
 # --- the volume service's events ----------------------------------------------------------
 
 
-async def publish_event(stack: Stack, routing_key: str, body: dict[str, Any] | bytes) -> None:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        channel = await connection.channel(publisher_confirms=True)
-        exchange = await channel.get_exchange(stack.names.events)
-        await exchange.publish(
-            aio_pika.Message(
-                data,
-                content_type="application/json",
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            ),
-            routing_key=routing_key,
-            timeout=10,
-        )
-
-
 async def volume_row(stack: Stack, volume_uuid: str) -> Any:
     return await stack.db.fetchrow("SELECT * FROM volume WHERE uuid = $1", volume_uuid)
 
@@ -126,7 +108,7 @@ async def add_volume(
         "format": fmt,
         "size": VIRTUAL,
     }
-    await publish_event(stack, f"volume.{action}.{vol}", body)
+    await stack.publish_event(f"volume.{action}.{vol}", body)
     if wait:
 
         async def known() -> bool:
@@ -146,7 +128,7 @@ async def add_snapshot(stack: Stack, install_path: str, *, fmt: str = "qcow2") -
         "format": fmt,
         "size": VIRTUAL,
     }
-    await publish_event(stack, f"volumeSnapshot.created.{snap}", body)
+    await stack.publish_event(f"volumeSnapshot.created.{snap}", body)
 
     async def known() -> bool:
         row = await snapshot_row(stack, snap)
@@ -541,7 +523,7 @@ async def test_root_template_from_snapshot(stack: Stack, tmp_path: Path) -> None
     assert_flattened_copy(stored, "qcow2", top, "qcow2", inv)
 
     # A deleted snapshot can no longer be used, and a replayed `created` does not revive it.
-    await publish_event(stack, f"volumeSnapshot.deleted.{snap}", {"uuid": snap})
+    await stack.publish_event(f"volumeSnapshot.deleted.{snap}", {"uuid": snap})
 
     async def deleted() -> bool:
         row = await snapshot_row(stack, snap)
@@ -549,7 +531,7 @@ async def test_root_template_from_snapshot(stack: Stack, tmp_path: Path) -> None
 
     await wait_for(deleted, timeout=10)
     body = {"uuid": snap, "installPath": f"file://{top}", "format": "qcow2", "size": 1}
-    await publish_event(stack, f"volumeSnapshot.created.{snap}", body)
+    await stack.publish_event(f"volumeSnapshot.created.{snap}", body)
     await add_snapshot(stack, f"file://{top}")  # a later event: the replay was handled first
     reply = await stack.call(
         "CreateRootVolumeTemplateFromVolumeSnapshot", {"name": "again", "snapshotUuid": snap}
@@ -755,19 +737,18 @@ async def test_volume_events_read_model(stack: Stack, tmp_path: Path) -> None:
 
     # Garbage first: each is dropped and the consumer keeps going.
     bad_uuid = uuid.uuid4().hex
-    await publish_event(stack, f"volume.created.{bad_uuid}", b"\x00\xffnot json")
-    await publish_event(stack, f"volume.created.{bad_uuid}", b"[1, 2, 3]")
-    await publish_event(stack, f"volume.created.{bad_uuid}", {"uuid": "../../etc"})
-    await publish_event(stack, f"volume.created.{bad_uuid}", {"uuid": bad_uuid, "type": "Swap"})
-    await publish_event(stack, f"volume.created.{bad_uuid}", {"uuid": bad_uuid, "size": -1})
+    await stack.publish_event(f"volume.created.{bad_uuid}", b"\x00\xffnot json")
+    await stack.publish_event(f"volume.created.{bad_uuid}", b"[1, 2, 3]")
+    await stack.publish_event(f"volume.created.{bad_uuid}", {"uuid": "../../etc"})
+    await stack.publish_event(f"volume.created.{bad_uuid}", {"uuid": bad_uuid, "type": "Swap"})
+    await stack.publish_event(f"volume.created.{bad_uuid}", {"uuid": bad_uuid, "size": -1})
     other = uuid.uuid4().hex
-    await publish_event(
-        stack,
+    await stack.publish_event(
         f"volume.created.{bad_uuid}",
         {"uuid": other, "type": "Root", "installPath": f"file://{top}", "format": "qcow2"},
     )
-    await publish_event(stack, f"volumeSnapshot.created.{bad_uuid}", b"{")
-    await publish_event(stack, f"volume.exploded.{bad_uuid}", {"uuid": bad_uuid})
+    await stack.publish_event(f"volumeSnapshot.created.{bad_uuid}", b"{")
+    await stack.publish_event(f"volume.exploded.{bad_uuid}", {"uuid": bad_uuid})
 
     # A good event after them is applied.
     vol = await add_volume(stack, f"file://{vroot / 'old.qcow2'}")
@@ -785,7 +766,7 @@ async def test_volume_events_read_model(stack: Stack, tmp_path: Path) -> None:
     await add_volume(stack, f"file://{top}", volume_uuid=vol)
 
     # `deleted`: the volume can no longer be used.
-    await publish_event(stack, f"volume.deleted.{vol}", {"uuid": vol})
+    await stack.publish_event(f"volume.deleted.{vol}", {"uuid": vol})
 
     async def deleted() -> bool:
         row = await volume_row(stack, vol)
@@ -808,7 +789,7 @@ async def test_volume_events_read_model(stack: Stack, tmp_path: Path) -> None:
     assert error_of(reply)["code"] == "RESOURCE_NOT_FOUND", reply
     # A volume deleted before it was ever created stays unknown.
     early = uuid.uuid4().hex
-    await publish_event(stack, f"volume.deleted.{early}", {"uuid": early})
+    await stack.publish_event(f"volume.deleted.{early}", {"uuid": early})
     await add_volume(stack, f"file://{top}", volume_uuid=early, wait=False)
     await add_volume(stack, f"file://{vroot / 'base.qcow2'}")  # processed after the two above
     await asyncio.sleep(0.3)
