@@ -21,6 +21,7 @@ from urllib.parse import quote, unquote, urlsplit
 from backup_agent.fetchers import FetchSettings, OpFailure, redact
 from backup_agent.inspection import image_info, refuse_external_data_file, run_qemu_img
 from backup_agent.transfer import MIN_CHUNK, Progress, receive
+from image_service.protocol.errors import ErrorCode
 
 CONVERT_TIMEOUT = 4 * 3600.0
 CONVERT_MEMORY = 2 << 30
@@ -41,18 +42,20 @@ def _within(path: Path, roots: tuple[Path, ...]) -> bool:
 
 async def _check_local_chain(path: Path, fmt: str, roots: tuple[Path, ...]) -> None:
     if not roots:
-        raise OpFailure("URL_NOT_ALLOWED", "this agent serves no --volume-root for file:// sources")
+        raise OpFailure(
+            ErrorCode.URL_NOT_ALLOWED, "this agent serves no --volume-root for file:// sources"
+        )
     if not _within(path, roots):
-        raise OpFailure("URL_NOT_ALLOWED", f"{path} is outside the agent's volume roots")
+        raise OpFailure(ErrorCode.URL_NOT_ALLOWED, f"{path} is outside the agent's volume roots")
     if not path.is_file():
-        raise OpFailure("OPERATION_ERROR", f"source {path} does not exist")
+        raise OpFailure(ErrorCode.OPERATION_ERROR, f"source {path} does not exist")
     chain = await image_info(path, fmt, backing_chain=True)
     for layer in chain if isinstance(chain, list) else [chain]:
         refuse_external_data_file(layer)
         filename = Path(layer.get("filename", ""))
         if not _within(filename, roots):
             raise OpFailure(
-                "URL_NOT_ALLOWED", f"backing file {filename} is outside the volume roots"
+                ErrorCode.URL_NOT_ALLOWED, f"backing file {filename} is outside the volume roots"
             )
 
 
@@ -84,7 +87,9 @@ async def _fetch_sftp_chain(
             return top
         backing_fmt = info.get("backing-filename-format")
         if backing_fmt not in FORMATS:
-            raise OpFailure("UNSAFE_IMAGE", "a backing file without a known qcow2/raw format")
+            raise OpFailure(
+                ErrorCode.UNSAFE_IMAGE, "a backing file without a known qcow2/raw format"
+            )
         remote_dir = posixpath.dirname(unquote(urlsplit(current_url).path))
         remote = backing if posixpath.isabs(backing) else posixpath.join(remote_dir, backing)
         local = workdir / f"layer{depth + 1}"
@@ -92,7 +97,7 @@ async def _fetch_sftp_chain(
             "rebase", "-u", "-f", "qcow2", "-b", str(local), "-F", backing_fmt, str(current)
         )
         current_url, current, current_fmt = _sftp_url(url, remote), local, backing_fmt
-    raise OpFailure("UNSAFE_IMAGE", f"backing chain deeper than {MAX_CHAIN}")
+    raise OpFailure(ErrorCode.UNSAFE_IMAGE, f"backing chain deeper than {MAX_CHAIN}")
 
 
 async def materialize(
@@ -107,7 +112,7 @@ async def materialize(
 ) -> Path:
     """A local path from which `qemu-img convert` can read the whole source image."""
     if fmt not in FORMATS:
-        raise OpFailure("UNSAFE_IMAGE", f"source format {fmt!r} is not qcow2 or raw")
+        raise OpFailure(ErrorCode.UNSAFE_IMAGE, f"source format {fmt!r} is not qcow2 or raw")
     parts = urlsplit(source)
     if parts.scheme == "file":
         path = Path(unquote(parts.path))
@@ -115,7 +120,7 @@ async def materialize(
         return path
     if parts.scheme == "sftp":
         return await _fetch_sftp_chain(source, fmt, workdir, settings, available, progress)
-    raise OpFailure("URL_NOT_ALLOWED", f"source {redact(source)}: only file:// and sftp://")
+    raise OpFailure(ErrorCode.URL_NOT_ALLOWED, f"source {redact(source)}: only file:// and sftp://")
 
 
 async def flatten(source: Path, source_fmt: str, destination: Path, fmt: str) -> None:
@@ -132,10 +137,10 @@ async def flatten(source: Path, source_fmt: str, destination: Path, fmt: str) ->
             timeout=CONVERT_TIMEOUT,
             memory=CONVERT_MEMORY,
             cpu_seconds=int(CONVERT_TIMEOUT),
-            failure_code="OPERATION_ERROR",
+            failure_code=ErrorCode.OPERATION_ERROR,
         )
     except TimeoutError:
-        raise OpFailure("TIMEOUT", "qemu-img convert did not finish in time") from None
+        raise OpFailure(ErrorCode.TIMEOUT, "qemu-img convert did not finish in time") from None
 
 
 def _hash_file(path: Path) -> Hashed:

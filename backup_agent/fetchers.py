@@ -21,6 +21,8 @@ from urllib.parse import unquote, urlsplit
 import aiohttp
 import asyncssh
 
+from image_service.protocol.errors import ErrorCode
+
 READ_SIZE = 1 << 20
 
 log = logging.getLogger(__name__)
@@ -29,7 +31,7 @@ log = logging.getLogger(__name__)
 class OpFailure(Exception):
     """An operation failed with one of the contract's error codes."""
 
-    def __init__(self, code: str, details: str) -> None:
+    def __init__(self, code: ErrorCode, details: str) -> None:
         super().__init__(f"{code}: {details}")
         self.code = code
         self.details = details
@@ -76,18 +78,20 @@ async def open_http(url: str, settings: FetchSettings) -> AsyncIterator[Source]:
             async with session.get(url, max_redirects=5) as response:
                 if response.status != 200:
                     raise OpFailure(
-                        "DOWNLOAD_FAILED",
+                        ErrorCode.DOWNLOAD_FAILED,
                         f"{redact(url)}: HTTP {response.status} {response.reason}",
                     )
                 yield Source(response.content_length, response.content.iter_chunked(READ_SIZE))
         except aiohttp.ClientPayloadError as exc:
-            raise OpFailure("DOWNLOAD_FAILED", f"{redact(url)}: body incomplete ({exc})") from None
+            raise OpFailure(
+                ErrorCode.DOWNLOAD_FAILED, f"{redact(url)}: body incomplete ({exc})"
+            ) from None
         except (TimeoutError, aiohttp.ServerTimeoutError):
             raise OpFailure(
-                "DOWNLOAD_FAILED", f"{redact(url)}: no data for {settings.stall_timeout:g}s"
+                ErrorCode.DOWNLOAD_FAILED, f"{redact(url)}: no data for {settings.stall_timeout:g}s"
             ) from None
         except aiohttp.ClientError as exc:
-            raise OpFailure("DOWNLOAD_FAILED", f"{redact(url)}: {exc}") from None
+            raise OpFailure(ErrorCode.DOWNLOAD_FAILED, f"{redact(url)}: {exc}") from None
 
 
 def _known_hosts_file(settings: FetchSettings) -> Path:
@@ -157,7 +161,7 @@ def _host_key_policy(
         client_factory = lambda: _TrustOnFirstUse(path)  # noqa: E731
     elif not path.is_file():
         raise OpFailure(
-            "DOWNLOAD_FAILED",
+            ErrorCode.DOWNLOAD_FAILED,
             f"no known_hosts file at {path} to check the host key of "
             f"{_host_pattern(host, port)}; add the key (ssh-keyscan) or start the agent with "
             "--trust-on-first-use",
@@ -165,7 +169,9 @@ def _host_key_policy(
     try:
         known_hosts = asyncssh.read_known_hosts(str(path))
     except (OSError, ValueError, asyncssh.Error) as exc:
-        raise OpFailure("DOWNLOAD_FAILED", f"known_hosts {path} cannot be used: {exc}") from None
+        raise OpFailure(
+            ErrorCode.DOWNLOAD_FAILED, f"known_hosts {path} cannot be used: {exc}"
+        ) from None
     return known_hosts, client_factory
 
 
@@ -173,7 +179,7 @@ def _host_key_policy(
 async def open_sftp(url: str, settings: FetchSettings) -> AsyncIterator[Source]:
     parts = urlsplit(url)
     if not parts.hostname or not parts.path:
-        raise OpFailure("DOWNLOAD_FAILED", f"{redact(url)}: no host or path")
+        raise OpFailure(ErrorCode.DOWNLOAD_FAILED, f"{redact(url)}: no host or path")
     host, port = parts.hostname, parts.port or 22
     known_hosts, client_factory = _host_key_policy(host, port, settings)
     try:
@@ -194,10 +200,12 @@ async def open_sftp(url: str, settings: FetchSettings) -> AsyncIterator[Source]:
             yield source
     except TimeoutError:
         raise OpFailure(
-            "DOWNLOAD_FAILED", f"{redact(url)}: no data for {settings.stall_timeout:g}s"
+            ErrorCode.DOWNLOAD_FAILED, f"{redact(url)}: no data for {settings.stall_timeout:g}s"
         ) from None
     except (asyncssh.Error, OSError) as exc:
-        raise OpFailure("DOWNLOAD_FAILED", f"{redact(url)}: {type(exc).__name__}: {exc}") from None
+        raise OpFailure(
+            ErrorCode.DOWNLOAD_FAILED, f"{redact(url)}: {type(exc).__name__}: {exc}"
+        ) from None
 
 
 @asynccontextmanager
@@ -228,5 +236,5 @@ OPENERS: dict[str, Opener] = {"http": open_http, "https": open_http, "sftp": ope
 def opener_for(url: str) -> Opener:
     scheme = urlsplit(url).scheme.lower()
     if scheme not in OPENERS:
-        raise OpFailure("URL_NOT_ALLOWED", f"unsupported url scheme {scheme!r}")
+        raise OpFailure(ErrorCode.URL_NOT_ALLOWED, f"unsupported url scheme {scheme!r}")
     return OPENERS[scheme]

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from backup_agent.fetchers import OpFailure
+from image_service.protocol.errors import ErrorCode
 
 QEMU_IMG_TIMEOUT = 60.0
 QEMU_IMG_MEMORY = 1 << 30
@@ -52,7 +53,7 @@ async def run_qemu_img(
     timeout: float = QEMU_IMG_TIMEOUT,
     memory: int = QEMU_IMG_MEMORY,
     cpu_seconds: int = QEMU_IMG_CPU_SECONDS,
-    failure_code: str = "UNSAFE_IMAGE",
+    failure_code: ErrorCode = ErrorCode.UNSAFE_IMAGE,
 ) -> bytes:
     """Run `qemu-img ARGS` bounded in time and memory; its stdout, or an OpFailure."""
     try:
@@ -64,7 +65,9 @@ async def run_qemu_img(
             preexec_fn=_limits(memory, cpu_seconds),
         )
     except FileNotFoundError:
-        raise OpFailure("INTERNAL_ERROR", "qemu-img is not installed on the agent") from None
+        raise OpFailure(
+            ErrorCode.INTERNAL_ERROR, "qemu-img is not installed on the agent"
+        ) from None
     try:
         stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
     except (TimeoutError, asyncio.CancelledError):
@@ -86,7 +89,7 @@ async def image_info(path: Path, fmt: str, *, backing_chain: bool = False) -> An
     try:
         return json.loads(await run_qemu_img(*args))
     except TimeoutError:
-        raise OpFailure("UNSAFE_IMAGE", "qemu-img did not finish in time") from None
+        raise OpFailure(ErrorCode.UNSAFE_IMAGE, "qemu-img did not finish in time") from None
 
 
 def sniff(path: Path, fmt: str) -> None:
@@ -95,11 +98,15 @@ def sniff(path: Path, fmt: str) -> None:
         if fmt in ("raw", "iso"):
             for magic, name in FOREIGN_MAGIC.items():
                 if head.startswith(magic):
-                    raise OpFailure("UNSAFE_IMAGE", f"declared {fmt} but the content is {name}")
+                    raise OpFailure(
+                        ErrorCode.UNSAFE_IMAGE, f"declared {fmt} but the content is {name}"
+                    )
         if fmt == "iso":
             f.seek(ISO_MAGIC_OFFSET)
             if f.read(5) != b"CD001":
-                raise OpFailure("UNSAFE_IMAGE", "declared iso but the content is not ISO 9660")
+                raise OpFailure(
+                    ErrorCode.UNSAFE_IMAGE, "declared iso but the content is not ISO 9660"
+                )
 
 
 def refuse_external_data_file(info: dict[str, Any]) -> None:
@@ -107,7 +114,7 @@ def refuse_external_data_file(info: dict[str, Any]) -> None:
     of the agent's directories, so any layer that has one is refused."""
     data = info.get("format-specific", {}).get("data", {})
     if data.get("data-file") or data.get("data-file-raw"):
-        raise OpFailure("UNSAFE_IMAGE", "the qcow2 image names an external data file")
+        raise OpFailure(ErrorCode.UNSAFE_IMAGE, "the qcow2 image names an external data file")
 
 
 async def inspect_image(path: Path, fmt: str) -> ImageFacts:
@@ -115,9 +122,9 @@ async def inspect_image(path: Path, fmt: str) -> ImageFacts:
     try:
         info = await image_info(path, "raw" if fmt == "iso" else fmt)
     except OpFailure as exc:
-        raise OpFailure("UNSAFE_IMAGE", f"not a valid {fmt} image: {exc.details}") from None
+        raise OpFailure(ErrorCode.UNSAFE_IMAGE, f"not a valid {fmt} image: {exc.details}") from None
     if info.get("backing-filename") or info.get("full-backing-filename"):
-        raise OpFailure("UNSAFE_IMAGE", "the qcow2 image names a backing file")
+        raise OpFailure(ErrorCode.UNSAFE_IMAGE, "the qcow2 image names a backing file")
     refuse_external_data_file(info)
     return ImageFacts(
         virtual_size=int(info["virtual-size"]),

@@ -8,20 +8,27 @@ may not have reached the service. The same op id never runs twice (idempotency).
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from backup_agent.layout import write_atomically
+from image_service.protocol.agent import AgentResult
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class Entry:
     op_id: str
-    command: dict[str, Any]
-    result: dict[str, Any] | None
+    # The command as it arrived (validated then); None for an op cancelled before it came.
+    command: dict[str, Any] | None
+    result: AgentResult | None
     published: bool
 
 
@@ -35,14 +42,25 @@ class Journal:
     def get(self, op_id: str) -> Entry | None:
         try:
             data = json.loads(self._path(op_id).read_text())
-        except (FileNotFoundError, ValueError):
+            result = data.get("result")
+            return Entry(
+                op_id,
+                data.get("command"),
+                AgentResult.model_validate(result) if result is not None else None,
+                bool(data.get("published")),
+            )
+        except FileNotFoundError:
             return None
-        return Entry(op_id, data["command"], data.get("result"), bool(data.get("published")))
+        except (ValueError, ValidationError, AttributeError) as exc:
+            log.error("journal entry %s is unreadable (%s); ignored", op_id, exc)
+            return None
 
     def _write(self, entry: Entry) -> None:
         body = {
             "command": entry.command,
-            "result": entry.result,
+            "result": entry.result.model_dump(mode="json", exclude_none=True)
+            if entry.result is not None
+            else None,
             "published": entry.published,
             "updatedAt": time.time(),
         }
@@ -53,7 +71,7 @@ class Journal:
         self._write(entry)
         return entry
 
-    def finish(self, op_id: str, command: dict[str, Any], result: dict[str, Any]) -> Entry:
+    def finish(self, op_id: str, command: dict[str, Any] | None, result: AgentResult) -> Entry:
         entry = Entry(op_id, command, result, False)
         self._write(entry)
         return entry

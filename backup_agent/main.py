@@ -2,87 +2,22 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
-import os
 import signal
-import socket
-from pathlib import Path
 
-from backup_agent.agent import Agent, AgentSettings
-from backup_agent.fetchers import FetchSettings
+from backup_agent.agent import Agent
+from backup_agent.config import AgentSettings
+from image_service.protocol.config import options_parser, settings_from
 
 
 def parse_args(argv: list[str] | None = None) -> AgentSettings:
-    env = os.environ.get
-    parser = argparse.ArgumentParser(prog="backup-agent", description=__doc__)
-    parser.add_argument("--root", required=True, type=Path, help="where images are stored")
-    parser.add_argument("--name", required=True, help="the backup storage's name")
-    parser.add_argument(
-        "--amqp-url", default=env("IMAGE_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-    )
-    parser.add_argument("--namespace", default=env("IMAGE_NAMESPACE", "image"))
-    parser.add_argument("--heartbeat-interval", type=float, default=10.0, metavar="SECONDS")
-    parser.add_argument("--ssh-key", help="private key used for sftp sources")
-    parser.add_argument(
-        "--known-hosts",
-        default="~/.ssh/known_hosts",
-        help="known_hosts file of the sftp hosts trusted (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--trust-on-first-use",
-        action="store_true",
-        help="accept the host key of an sftp host not in --known-hosts yet, and record it there",
-    )
-    parser.add_argument(
-        "--hostname", default=socket.getfqdn(), help="how volume services reach this host"
-    )
-    parser.add_argument(
-        "--capacity", type=int, help="bytes this backup storage may hold (default: the disk)"
-    )
-    parser.add_argument("--max-downloads", type=int, default=4)
-    parser.add_argument(
-        "--volume-root",
-        action="append",
-        type=Path,
-        default=[],
-        metavar="DIR",
-        help="a directory whose volumes (file:// sources) may become templates; repeatable",
-    )
-    parser.add_argument("--connect-timeout", type=float, default=15.0, metavar="SECONDS")
-    parser.add_argument(
-        "--stall-timeout",
-        type=float,
-        default=30.0,
-        metavar="SECONDS",
-        help="a source that sends nothing for this long fails the download",
-    )
-    parser.add_argument("--log-level", default=env("IMAGE_LOG_LEVEL", "INFO"))
-    args = parser.parse_args(argv)
-    if args.heartbeat_interval <= 0:
-        parser.error("--heartbeat-interval must be positive")
+    parser = options_parser(AgentSettings, prog="backup-agent", description=__doc__)
+    settings = settings_from(AgentSettings, parser, parser.parse_args(argv))
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return AgentSettings(
-        root=args.root,
-        name=args.name,
-        amqp_url=args.amqp_url,
-        namespace=args.namespace,
-        heartbeat_interval=args.heartbeat_interval,
-        hostname=args.hostname,
-        capacity=args.capacity,
-        max_downloads=args.max_downloads,
-        volume_roots=tuple(Path(os.path.realpath(p)) for p in args.volume_root),
-        fetch=FetchSettings(
-            connect_timeout=args.connect_timeout,
-            stall_timeout=args.stall_timeout,
-            ssh_key=args.ssh_key,
-            known_hosts=args.known_hosts,
-            trust_on_first_use=args.trust_on_first_use,
-        ),
-    )
+    return settings
 
 
 async def _run(settings: AgentSettings) -> None:

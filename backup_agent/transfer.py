@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from backup_agent.fetchers import FetchSettings, OpFailure, opener_for, redact
+from image_service.protocol.errors import ErrorCode
 
 MIN_CHUNK = 4 << 20
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
@@ -161,7 +162,7 @@ async def receive(
         async with opener(url, settings) as source:
             if source.total is not None and source.total > available:
                 raise OpFailure(
-                    "CAPACITY_EXCEEDED",
+                    ErrorCode.CAPACITY_EXCEEDED,
                     f"the image has {source.total} bytes; {available} are available",
                 )
             await progress(0, source.total)
@@ -170,7 +171,7 @@ async def receive(
                 await writer.write(data)
                 if writer.size > available:
                     raise OpFailure(
-                        "CAPACITY_EXCEEDED", f"more than the {available} bytes available"
+                        ErrorCode.CAPACITY_EXCEEDED, f"more than the {available} bytes available"
                     )
                 now = time.monotonic()
                 if now - last_report >= PROGRESS_EVERY:
@@ -178,7 +179,7 @@ async def receive(
                     await progress(writer.size, source.total)
             if source.total is not None and writer.size != source.total:
                 raise OpFailure(
-                    "DOWNLOAD_FAILED",
+                    ErrorCode.DOWNLOAD_FAILED,
                     f"{redact(url)}: got {writer.size} of {source.total} bytes",
                 )
         received = await writer.finish()
@@ -188,8 +189,8 @@ async def receive(
         await writer.abort()
         destination.unlink(missing_ok=True)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OpFailure("CAPACITY_EXCEEDED", f"disk full: {exc.strerror}") from None
-        raise OpFailure("DOWNLOAD_FAILED", f"{type(exc).__name__}: {exc}") from None
+            raise OpFailure(ErrorCode.CAPACITY_EXCEEDED, f"disk full: {exc.strerror}") from None
+        raise OpFailure(ErrorCode.DOWNLOAD_FAILED, f"{type(exc).__name__}: {exc}") from None
     except BaseException:
         await writer.abort()
         destination.unlink(missing_ok=True)

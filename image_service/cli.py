@@ -9,17 +9,20 @@ On a terminal, AddImage draws a progress bar on stderr from the `image.progress`
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
 import re
 import sys
 import uuid
-from typing import Any, TextIO
+from typing import Annotated, Any, TextIO
 
-from image_service.bus import ApiClient
-from image_service.names import Names
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from image_service.protocol.config import AmqpUrl, Namespace, options_parser, settings_from
+from image_service.protocol.names import Names
+from image_service.protocol.transport import ApiClient
 
 LIST_PARAMS = {"backupStorageUuids", "fields"}
 BOOL_PARAMS = {"system", "count", "replyWithCount", "forSystemVm"}
@@ -109,47 +112,59 @@ class ProgressBar:
             self.stream.flush()
 
 
-async def run(args: argparse.Namespace, params: dict[str, Any]) -> dict[str, Any]:
-    client = ApiClient(args.amqp_url, Names(args.namespace))
+async def run(settings: CliSettings, api: str, params: dict[str, Any]) -> dict[str, Any]:
+    client = ApiClient(settings.amqp_url, Names(settings.namespace))
     await client.connect()
     bar: ProgressBar | None = None
     try:
-        if args.api == "AddImage" and sys.stderr.isatty() and not args.no_progress:
+        if api == "AddImage" and sys.stderr.isatty() and not settings.no_progress:
             params.setdefault("resourceUuid", uuid.uuid4().hex)
             if isinstance(params["resourceUuid"], str):
                 bar = ProgressBar(sys.stderr)
                 await client.subscribe([f"image.progress.{params['resourceUuid']}"], bar.on_event)
-        return await client.call(args.api, params, timeout=args.timeout)
+        return await client.call(api, params, timeout=settings.timeout)
     finally:
         if bar is not None:
             bar.close()
         await client.close()
 
 
+class CliSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="IMAGE_CLI_", frozen=True, extra="forbid", populate_by_name=True
+    )
+
+    amqp_url: AmqpUrl = Field(
+        "amqp://guest:guest@127.0.0.1:5672/",
+        validation_alias="IMAGE_AMQP_URL",
+        description="the RabbitMQ broker",
+    )
+    namespace: Namespace = Field(
+        "image", validation_alias="IMAGE_NAMESPACE", description="the service's namespace"
+    )
+    timeout: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="seconds to wait for the reply (default: no limit)"
+    )
+    no_progress: bool = Field(False, description="no progress bar")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = options_parser(
+        CliSettings,
         prog="image-cli",
         description="Call an image service API: image-cli API key=value ...",
     )
-    parser.add_argument(
-        "--amqp-url",
-        default=os.environ.get("IMAGE_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"),
-    )
-    parser.add_argument("--namespace", default=os.environ.get("IMAGE_NAMESPACE", "image"))
-    parser.add_argument(
-        "--timeout", type=float, default=None, help="seconds to wait for the reply (default: none)"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("api", help="API name, e.g. AddImage, QueryImage")
     parser.add_argument("params", nargs="*", help="key=value (queries: NAME OP VALUE)")
     args = parser.parse_args(argv)
+    settings = settings_from(CliSettings, parser, args)
     try:
         params = build_params(args.api, args.params)
     except UsageError as exc:
         print(f"image-cli: {exc}", file=sys.stderr)
         sys.exit(2)
     try:
-        reply = asyncio.run(run(args, params))
+        reply = asyncio.run(run(settings, args.api, params))
     except TimeoutError:
         print("image-cli: no reply in time", file=sys.stderr)
         sys.exit(1)

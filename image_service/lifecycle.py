@@ -1,99 +1,152 @@
-"""The image lifecycle, written down once, and the inventories that describe it.
+"""Every state machine of the service, written down once.
 
-`TRANSITIONS` is the only statement of which status may follow which; the SQL guards
-(`... AND status = ANY($n)`) are fed from `allowed_from`, so code and database agree.
+Each `Machine` names the PostgreSQL ENUM that stores it and which state may follow which. The
+store feeds its guarded statements (`UPDATE ... WHERE status = ANY(:allowed)`) from
+`allowed_from`, so code and database agree; a unit test checks these tables against the ENUMs of
+a migrated database. Inventories (how the states are shown) live in `inventory`.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 
-class Status(StrEnum):
+class ImageStatus(StrEnum):
     Creating = "Creating"
     Downloading = "Downloading"
     Ready = "Ready"
 
 
-# Image and backup-storage-reference status share one machine: a reference is born
-# Downloading (from a url) or Creating (from a volume or snapshot) and becomes Ready once;
-# failure or deletion removes the row instead of moving it to another status.
-TRANSITIONS: dict[Status, frozenset[Status]] = {
-    Status.Downloading: frozenset({Status.Ready}),
-    Status.Creating: frozenset({Status.Ready}),
-    Status.Ready: frozenset(),
-}
+class RefStatus(StrEnum):
+    """The status of an image on one backup storage (stored in the same ENUM as ImageStatus)."""
+
+    Creating = "Creating"
+    Downloading = "Downloading"
+    Ready = "Ready"
 
 
-def allowed_from(target: Status) -> list[str]:
-    """The statuses from which `target` may be entered (for the SQL guard)."""
-    return [str(src) for src, targets in TRANSITIONS.items() if target in targets]
+class ImageState(StrEnum):
+    Enabled = "Enabled"
+    Disabled = "Disabled"
 
 
-def iso(value: datetime | None) -> str | None:
-    """`2024-01-31T08:00:00.000000Z`. isoformat is C code, several times faster than strftime,
-    which showed in the profile of queries returning many inventories."""
-    if value is None:
-        return None
-    if value.utcoffset() != _ZERO:
-        value = value.astimezone(UTC)
-    return value.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+class OpStatus(StrEnum):
+    Pending = "Pending"
+    Succeeded = "Succeeded"
+    Failed = "Failed"
 
 
-_ZERO = timedelta(0)
+class OpKind(StrEnum):
+    download = "download"
+    create = "create"
+    delete = "delete"
 
 
-def image_inventory(row: Any) -> dict[str, Any]:
-    """An image row of `image_inventories` as the contract's inventory (§3)."""
-    return {
-        "uuid": row["uuid"],
-        "name": row["name"],
-        "description": row["description"],
-        "state": row["state"],
-        "status": row["status"],
-        "size": row["size"],
-        "actualSize": row["actual_size"],
-        "virtualSize": row["virtual_size"],
-        "url": row["url"],
-        "mediaType": row["media_type"],
-        "guestOsType": row["guest_os_type"],
-        "platform": row["platform"],
-        "system": row["system"],
-        "format": row["format"],
-        "md5Sum": row["md5_sum"],
-        "type": row["type"],
-        "backupStorageRefs": list(row["refs"]),
-        "createDate": row["created_iso"],
-        "lastOpDate": row["last_op_iso"],
-    }
+class BackupStorageStatus(StrEnum):
+    Connecting = "Connecting"
+    Connected = "Connected"
+    Disconnected = "Disconnected"
 
 
-def backup_storage_inventory(row: Any) -> dict[str, Any]:
-    return {
-        "uuid": row["uuid"],
-        "name": row["name"],
-        "description": row["description"],
-        "url": row["url"],
-        "hostname": row["hostname"],
-        "type": row["type"],
-        "state": row["state"],
-        "status": row["status"],
-        "totalCapacity": row["total_capacity"],
-        "availableCapacity": row["available_capacity"],
-        "createDate": iso(row["create_date"]),
-        "lastOpDate": iso(row["last_op_date"]),
-    }
+class BackupStorageState(StrEnum):
+    Enabled = "Enabled"
+    Disabled = "Disabled"
 
 
-def user_tag_inventory(row: Any) -> dict[str, Any]:
-    return {
-        "uuid": row["uuid"],
-        "resourceType": row["resource_type"],
-        "resourceUuid": row["resource_uuid"],
-        "tag": row["tag"],
-        "type": row["type"],
-        "createDate": iso(row["create_date"]),
-        "lastOpDate": iso(row["last_op_date"]),
-    }
+S = TypeVar("S", bound=StrEnum)
+
+
+@dataclass(frozen=True, slots=True)
+class Machine(Generic[S]):
+    name: str
+    db_type: str  # the ENUM type of the column
+    states: type[S]
+    transitions: Mapping[S, frozenset[S]]
+
+    def allowed_from(self, target: S) -> list[str]:
+        """The states from which `target` may be entered (for the SQL guard)."""
+        return [str(src) for src, targets in self.transitions.items() if target in targets]
+
+    def allows(self, source: S, target: S) -> bool:
+        return target in self.transitions[source]
+
+    def final(self) -> list[str]:
+        """The states nothing leaves."""
+        return [str(s) for s, targets in self.transitions.items() if not targets]
+
+
+_IS, _RS, _OS = ImageStatus, RefStatus, OpStatus
+_BS, _ST, _IM = BackupStorageStatus, BackupStorageState, ImageState
+
+# An image (and each of its references) is born Downloading (from a url) or Creating (from a
+# volume or snapshot) and becomes Ready once; failure or deletion removes the row instead of
+# moving it to another status.
+IMAGE_STATUS = Machine(
+    "image status",
+    "image_status",
+    ImageStatus,
+    {
+        _IS.Downloading: frozenset({_IS.Ready}),
+        _IS.Creating: frozenset({_IS.Ready}),
+        _IS.Ready: frozenset(),
+    },
+)
+REF_STATUS = Machine(
+    "reference status",
+    "image_status",
+    RefStatus,
+    {
+        _RS.Downloading: frozenset({_RS.Ready}),
+        _RS.Creating: frozenset({_RS.Ready}),
+        _RS.Ready: frozenset(),
+    },
+)
+# An op is the lease on one agent command: Pending until its result (or a cancellation).
+OP_STATUS = Machine(
+    "op status",
+    "op_status",
+    OpStatus,
+    {
+        _OS.Pending: frozenset({_OS.Succeeded, _OS.Failed}),
+        _OS.Succeeded: frozenset(),
+        _OS.Failed: frozenset(),
+    },
+)
+# Registered by a first heartbeat (Connected), Disconnected after missed heartbeats, Connected
+# again by the next one. Connecting is where a backup storage waits for its first heartbeat.
+BACKUP_STORAGE_STATUS = Machine(
+    "backup storage status",
+    "bs_status",
+    BackupStorageStatus,
+    {
+        _BS.Connecting: frozenset({_BS.Connected, _BS.Disconnected}),
+        _BS.Connected: frozenset({_BS.Disconnected}),
+        _BS.Disconnected: frozenset({_BS.Connected}),
+    },
+)
+BACKUP_STORAGE_STATE = Machine(
+    "backup storage state",
+    "bs_state",
+    BackupStorageState,
+    {_ST.Enabled: frozenset({_ST.Disabled}), _ST.Disabled: frozenset({_ST.Enabled})},
+)
+IMAGE_STATE = Machine(
+    "image state",
+    "image_state",
+    ImageState,
+    {_IM.Enabled: frozenset({_IM.Disabled}), _IM.Disabled: frozenset({_IM.Enabled})},
+)
+
+MACHINES: tuple[Machine[Any], ...] = (
+    IMAGE_STATUS,
+    REF_STATUS,
+    OP_STATUS,
+    BACKUP_STORAGE_STATUS,
+    BACKUP_STORAGE_STATE,
+    IMAGE_STATE,
+)
+# Enumerations stored as ENUMs that are not state machines (a kind never changes).
+DB_ENUMS: dict[str, type[StrEnum]] = {"op_kind": OpKind}

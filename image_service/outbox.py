@@ -9,7 +9,9 @@ from typing import Any
 
 import orjson
 
-from image_service.names import Names
+from image_service.protocol.agent import AgentCommand
+from image_service.protocol.events import Event
+from image_service.protocol.names import Names
 from image_service.store import Tx
 
 
@@ -18,22 +20,41 @@ class Outbox:
     tx: Tx
     names: Names
 
-    async def event(self, routing_key: str, body: dict[str, Any]) -> None:
-        await self.tx.execute("outbox_put", self.names.events, routing_key, body, None, None, False)
-
-    async def command(self, backup_storage_uuid: str, command: dict[str, Any]) -> None:
-        await self.tx.execute(
-            "outbox_put",
-            "",
-            self.names.agent(backup_storage_uuid),
-            command,
-            None,
-            command["opId"],
-            True,
+    async def event(self, event: Event) -> None:
+        await self.tx.outbox.put(
+            exchange=self.names.events,
+            routing_key=event.routing_key,
+            body=event.model_dump(mode="json"),
+            persistent=False,
         )
 
-    async def reply(self, reply_to: str, correlation_id: str | None, body: dict[str, Any]) -> None:
-        await self.tx.execute("outbox_put", "", reply_to, body, correlation_id, None, False)
+    async def command(self, command: AgentCommand) -> None:
+        await self.tx.outbox.put(
+            exchange="",
+            routing_key=self.names.agent(command.backupStorageUuid),
+            body=command.model_dump(mode="json"),
+            message_id=command.opId,
+            persistent=True,
+        )
+
+    async def resend(self, backup_storage_uuid: str, op_id: str, command: dict[str, Any]) -> None:
+        """A command again, as it was stored with its op."""
+        await self.tx.outbox.put(
+            exchange="",
+            routing_key=self.names.agent(backup_storage_uuid),
+            body=command,
+            message_id=op_id,
+            persistent=True,
+        )
+
+    async def reply(self, reply_to: str, correlation_id: str | None, body: Any) -> None:
+        await self.tx.outbox.put(
+            exchange="",
+            routing_key=reply_to,
+            body=body,
+            correlation_id=correlation_id,
+            persistent=False,
+        )
 
 
 def encode(body: Any) -> bytes:

@@ -14,7 +14,7 @@ from enum import Enum
 from typing import Any
 
 from image_service.errors import ApiError, ErrorCode
-from image_service.models import Condition, Query
+from image_service.params import Condition, Query
 
 
 class Kind(Enum):

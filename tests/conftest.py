@@ -25,8 +25,8 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from image_service.bus import ApiClient
-from image_service.names import Names
+from image_service.protocol.names import Names
+from image_service.protocol.transport import ApiClient
 
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 PG_URL = os.environ.get("TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432")

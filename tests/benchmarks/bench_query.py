@@ -40,9 +40,9 @@ if str(REPO) not in sys.path:
 import aio_pika  # noqa: E402
 import asyncpg  # noqa: E402
 
-from image_service.bus import ApiClient, Bus  # noqa: E402
-from image_service.models import Query  # noqa: E402
-from image_service.names import Names  # noqa: E402
+from image_service.params import Query  # noqa: E402
+from image_service.protocol.names import Names  # noqa: E402
+from image_service.protocol.transport import ApiClient, Bus  # noqa: E402
 from image_service.query import IMAGE, compile_query  # noqa: E402
 from tests.benchmarks.harness import (  # noqa: E402
     bounded,

@@ -23,7 +23,7 @@ import pytest
 import pytest_asyncio
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, AbstractQueue
 
-from image_service.bus import ApiClient
+from image_service.protocol.transport import ApiClient
 from tests.conftest import AMQP_URL, Agent, Stack, wait_for
 
 MIB = 1 << 20

@@ -10,8 +10,9 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from image_service.errors import ApiError, ErrorCode
-from image_service.models import AddImage, ImageFormat, MediaType, Query, UpdateImage
-from image_service.service import parse_envelope, validation_details
+from image_service.params import AddImage, ImageFormat, MediaType, Query, UpdateImage
+from image_service.pipeline import parse_envelope
+from image_service.protocol.errors import validation_details
 
 U1, U2 = "a" * 32, "b" * 32
 

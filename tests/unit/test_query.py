@@ -12,7 +12,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from image_service.errors import ApiError, ErrorCode
-from image_service.models import Query
+from image_service.params import Query
 from image_service.query import (
     BACKUP_STORAGE,
     IMAGE,

@@ -18,6 +18,7 @@ from backup_agent import transfer
 from backup_agent.fetchers import OpFailure
 from backup_agent.inspection import FOREIGN_MAGIC, ISO_MAGIC_OFFSET, sniff
 from backup_agent.transfer import HashingWriter, Received
+from image_service.protocol.errors import ErrorCode
 
 
 async def write_in_chunks(path: Path, data: bytes, sizes: list[int]) -> Received:
@@ -106,7 +107,7 @@ def test_a_qcow2_declared_raw_is_unsafe(tmp_path: Path) -> None:
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), "1M"], check=True)
     with pytest.raises(OpFailure) as excinfo:
         sniff(path, "raw")
-    assert excinfo.value.code == "UNSAFE_IMAGE"
+    assert excinfo.value.code is ErrorCode.UNSAFE_IMAGE
     assert "qcow2" in excinfo.value.details
     sniff(path, "qcow2")  # declared correctly it goes on to qemu-img
 
@@ -120,7 +121,7 @@ def test_foreign_magic_declared_raw_or_iso_is_unsafe(
     path.write_bytes(magic + bytes(ISO_MAGIC_OFFSET + 64))
     with pytest.raises(OpFailure) as excinfo:
         sniff(path, declared)
-    assert excinfo.value.code == "UNSAFE_IMAGE"
+    assert excinfo.value.code is ErrorCode.UNSAFE_IMAGE
     assert name in excinfo.value.details
 
 
@@ -139,7 +140,7 @@ def test_a_non_iso_declared_iso_is_unsafe(tmp_path: Path, content: bytes) -> Non
     path.write_bytes(content)
     with pytest.raises(OpFailure) as excinfo:
         sniff(path, "iso")
-    assert excinfo.value.code == "UNSAFE_IMAGE"
+    assert excinfo.value.code is ErrorCode.UNSAFE_IMAGE
 
 
 def test_an_iso_9660_volume_declared_iso_passes(tmp_path: Path) -> None:

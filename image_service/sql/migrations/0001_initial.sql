@@ -1,5 +1,6 @@
--- Schema version 1. Applied once under an advisory lock by `image-service migrate`
--- (and at every service start); every statement is idempotent so replicas may race.
+-- Migration 1: the schema of the first release, as its unversioned schema.sql created it.
+-- A database made by that release has no schema_version table; `image-service migrate` records
+-- it as version 1 without running this file again (image_service/store/migrations.py).
 
 DO $$ BEGIN
     CREATE TYPE image_state AS ENUM ('Enabled', 'Disabled');

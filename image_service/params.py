@@ -1,4 +1,4 @@
-"""Pydantic models of the contract's API parameters (the validation boundary).
+"""Pydantic models of the contract's API parameters and envelope (the validation boundary).
 
 Every model forbids unknown fields and is strict about types, so a mistyped or unknown
 parameter is an INVALID_ARGUMENT that names the offending field, never a silent coercion.
@@ -231,68 +231,3 @@ class Envelope(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     api: Annotated[str, Field(min_length=1, max_length=128)]
     params: dict[str, Any] = {}
-
-
-# --- agent messages (the project's extension of the contract, docs/PROTOCOL.md §8) ---
-
-
-class AgentResult(BaseModel):
-    """What an agent publishes on `NS.results` when an operation has finished."""
-
-    model_config = ConfigDict(extra="ignore")
-    opId: str
-    backupStorageUuid: Uuid
-    success: bool
-    installPath: str | None = None
-    size: int | None = None
-    actualSize: int | None = None
-    virtualSize: int | None = None
-    md5Sum: str | None = None
-    format: str | None = None
-    code: str | None = None
-    details: str | None = None
-
-
-VolumeType = Literal["Root", "Data"]
-OptionalUuid = Uuid | None
-Path = Annotated[str, Field(max_length=4096)]
-
-
-class VolumeEvent(BaseModel):
-    """A volume fact from the volume service (`volume.created|updated|deleted.UUID`)."""
-
-    model_config = ConfigDict(extra="ignore")
-    uuid: Uuid
-    name: Annotated[str, Field(max_length=255)] | None = None
-    type: VolumeType | None = None
-    vmInstanceUuid: OptionalUuid = None
-    rootImageUuid: OptionalUuid = None
-    primaryStorageUuid: OptionalUuid = None
-    installPath: Path | None = None
-    format: Annotated[str, Field(max_length=32)] | None = None
-    size: Annotated[int, Field(ge=0, lt=2**63)] | None = None
-
-
-class SnapshotEvent(BaseModel):
-    """A snapshot fact (`volumeSnapshot.created|deleted.UUID`)."""
-
-    model_config = ConfigDict(extra="ignore")
-    uuid: Uuid
-    volumeUuid: OptionalUuid = None
-    installPath: Path | None = None
-    format: Annotated[str, Field(max_length=32)] | None = None
-    size: Annotated[int, Field(ge=0, lt=2**63)] | None = None
-
-
-class Heartbeat(BaseModel):
-    """What an agent publishes on `NS.heartbeats` every interval."""
-
-    model_config = ConfigDict(extra="ignore")
-    uuid: Uuid
-    name: Annotated[str, Field(min_length=1, max_length=255)]
-    url: Annotated[str, Field(min_length=1, max_length=4096)]
-    hostname: Annotated[str, Field(min_length=1, max_length=255)]
-    totalCapacity: Annotated[int, Field(ge=0)]
-    availableCapacity: Annotated[int, Field(ge=0)]
-    heartbeatInterval: Annotated[float, Field(gt=0, le=3600)] = 10.0
-    sentAt: float | None = None

@@ -1,4 +1,4 @@
-"""RabbitMQ edge: the only module of the service that imports aio-pika.
+"""RabbitMQ edge: the only module (of the service and of the agent) that imports aio-pika.
 
 It declares the topology, publishes with publisher confirms and a timeout, and runs
 consumers that ack a delivery only after its handler returned (that is, after the handler's
@@ -26,7 +26,7 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
-from image_service.names import Names
+from image_service.protocol.names import Names
 
 log = logging.getLogger(__name__)
 

@@ -1,18 +1,10 @@
-"""PostgreSQL edge: the only module that imports asyncpg.
-
-`Store` owns the pool and the schema; `Tx` is one transaction with one method per named
-query in `sql/queries.sql`. Handlers receive a `Tx` and never see a connection.
-"""
+"""The pools, the transaction, and what a lost database looks like."""
 
 from __future__ import annotations
 
 import json
-import logging
-import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -20,22 +12,14 @@ import asyncpg
 import asyncpg.pool
 import orjson
 
-log = logging.getLogger(__name__)
-
-SCHEMA_LOCK_KEY = 0x1A6E_5E41
-
-
-def _load_queries() -> dict[str, str]:
-    text = resources.files("image_service").joinpath("sql/queries.sql").read_text()
-    queries: dict[str, str] = {}
-    for block in re.split(r"^-- name: ", text, flags=re.MULTILINE)[1:]:
-        name, _, body = block.partition("\n")
-        queries[name.strip()] = body.strip()
-    return queries
-
-
-QUERIES = _load_queries()
-Record = asyncpg.Record
+from image_service.store.backup_storages import BackupStorages
+from image_service.store.group import Connection, Record
+from image_service.store.images import Images
+from image_service.store.inbox import Inbox
+from image_service.store.migrations import migrate
+from image_service.store.ops import Ops
+from image_service.store.outbox import OutboxTable
+from image_service.store.volumes import Tags, Volumes
 
 # Errors that mean "the database is unreachable now", as opposed to a bug in a statement.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -65,7 +49,7 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 
 async def ensure_database(database_url: str) -> None:
-    """Create the service's database when it does not exist yet (contract §1)."""
+    """Create the service's database when it does not exist yet (contract section 1)."""
     parts = urlsplit(database_url)
     dbname = parts.path.lstrip("/") or "images"
     admin_url = urlunsplit(parts._replace(path="/postgres"))
@@ -83,25 +67,20 @@ async def ensure_database(database_url: str) -> None:
         await conn.close()
 
 
-@dataclass(frozen=True, slots=True)
 class Tx:
-    """One open transaction. Every method runs one named query."""
+    """One transaction (or, from `Store.autocommit`, one connection without one)."""
 
-    conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
+    __slots__ = ("backup_storages", "conn", "images", "inbox", "ops", "outbox", "tags", "volumes")
 
-    async def fetch(self, name: str, *args: Any) -> list[Record]:
-        return list(await self.conn.fetch(QUERIES[name], *args))
-
-    async def fetchrow(self, name: str, *args: Any) -> Record | None:
-        row: Record | None = await self.conn.fetchrow(QUERIES[name], *args)
-        return row
-
-    async def fetchval(self, name: str, *args: Any) -> Any:
-        return await self.conn.fetchval(QUERIES[name], *args)
-
-    async def execute(self, name: str, *args: Any) -> str:
-        result: str = await self.conn.execute(QUERIES[name], *args)
-        return result
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.inbox = Inbox(conn)
+        self.outbox = OutboxTable(conn)
+        self.images = Images(conn)
+        self.ops = Ops(conn)
+        self.backup_storages = BackupStorages(conn)
+        self.volumes = Volumes(conn)
+        self.tags = Tags(conn)
 
     async def fetch_sql(self, sql: str, args: Sequence[Any]) -> list[Record]:
         """Run SQL compiled by `image_service.query` (identifiers whitelisted, values bound)."""
@@ -144,21 +123,19 @@ class Store:
         await self.read_pool.close()
         await self.pool.close()
 
+    async def migrate(self) -> list[int]:
+        async with self.pool.acquire() as conn:
+            return await migrate(conn)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Tx]:
+        async with self.pool.acquire() as conn, conn.transaction():
+            yield Tx(conn)
+
     @asynccontextmanager
     async def autocommit(self) -> AsyncIterator[Tx]:
         """No transaction: every statement commits on its own, and without waiting for the
         WAL flush. For the read-only APIs, whose one write (their reply, kept for duplicates)
         costs only a re-run of a read if a database crash forgets it."""
         async with self.read_pool.acquire() as conn:
-            yield Tx(conn)
-
-    async def migrate(self) -> None:
-        schema = resources.files("image_service").joinpath("sql/schema.sql").read_text()
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK_KEY)
-            await conn.execute(schema)
-
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Tx]:
-        async with self.pool.acquire() as conn, conn.transaction():
             yield Tx(conn)

@@ -1,0 +1,64 @@
+"""The APIs on backup storages (which register themselves by their agents' heartbeats)."""
+
+from __future__ import annotations
+
+from image_service import params
+from image_service.api.creation import not_found
+from image_service.errors import ErrorCode
+from image_service.events import emit_deleted
+from image_service.inventory import backup_storage_inventory, image_inventory_of
+from image_service.lifecycle import BackupStorageState, OpKind, OpStatus
+from image_service.operations import cancel_ops
+from image_service.pipeline import Ctx, Outcome
+from image_service.settlement import settle_message
+
+
+async def change_backup_storage_state(ctx: Ctx, p: params.ChangeBackupStorageState) -> Outcome:
+    if await ctx.tx.backup_storages.lock(p.uuid) is None:
+        raise not_found("backup storage", p.uuid)
+    enable = p.stateEvent is params.StateEvent.enable
+    state = BackupStorageState.Enabled if enable else BackupStorageState.Disabled
+    await ctx.tx.backup_storages.change_state(uuid=p.uuid, state=state)
+    rows = await ctx.tx.backup_storages.inventory_rows([p.uuid])
+    return {"inventory": backup_storage_inventory(rows[0])}
+
+
+async def delete_backup_storage(ctx: Ctx, p: params.DeleteBackupStorage) -> Outcome:
+    """Forget a backup storage at once: its downloads fail, its deletes are dropped, its
+    references go, and an image left on no backup storage is deleted. Every image concerned
+    is locked first, in uuid order (two such deletions never wait for each other in a cycle)."""
+    if await ctx.tx.backup_storages.lock(p.uuid) is None:
+        return {}
+    ops = await ctx.tx.ops.pending_of_backup_storage(p.uuid)
+    holding = [h.image_uuid for h in await ctx.tx.images.held_by(p.uuid)]
+    await ctx.tx.images.lock_many([op.image_uuid for op in ops] + holding)
+    # Downloads in flight there fail; their callers are answered in this transaction.
+    waiting = await cancel_ops(
+        ctx,
+        ops,
+        ErrorCode.OPERATION_ERROR,
+        f"backup storage {p.uuid} was deleted",
+        remove_files=False,
+    )
+    for op in ops:
+        if op.kind is OpKind.delete:
+            await ctx.tx.ops.finish(
+                op_id=op.op_id,
+                status=OpStatus.Failed,
+                result=None,
+                error_code=ErrorCode.OPERATION_ERROR.value,
+                error_details="backup storage deleted",
+            )
+            if op.message_id:
+                waiting.append(op.message_id)
+    # Read again: a cancelled download's reference is gone, and its image is settled below.
+    for ref in await ctx.tx.images.held_by(p.uuid):
+        await ctx.tx.images.delete_ref(image_uuid=ref.image_uuid, backup_storage_uuid=p.uuid)
+        if not await ctx.tx.images.refs(ref.image_uuid):
+            inventory = await image_inventory_of(ctx.tx, ref.image_uuid)
+            await ctx.tx.images.delete(ref.image_uuid)
+            await emit_deleted(ctx, ref.image_uuid, inventory)
+    await ctx.tx.backup_storages.delete(p.uuid)
+    for message_id in waiting:
+        await settle_message(ctx, message_id)
+    return {}

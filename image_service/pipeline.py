@@ -1,0 +1,233 @@
+"""The life of an API message, in one place (docs/DESIGN.md section 2).
+
+Validate the envelope; in one transaction claim the message id (inbox), answer a duplicate
+from the stored reply, run the handler inside a savepoint, store the reply and put what must be
+published in the outbox; commit; then the bus acks. `Ctx` is what a handler works with; it is
+built here, once per message. Queries take a shorter path with the same guarantees
+(`_read_only`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from image_service.errors import ApiError, ErrorCode
+from image_service.outbox import Outbox, encode
+from image_service.params import Envelope
+from image_service.protocol.errors import validation_details
+from image_service.protocol.names import Names
+from image_service.protocol.transport import Bus, Incoming, PublishRejected, RetryLater, Unroutable
+from image_service.replies import error_reply, finish_message, success_reply
+from image_service.store import CONNECTION_ERRORS, Store, Tx
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Ctx:
+    """What a handler works with: one transaction, its outbox, and the message being run."""
+
+    tx: Tx
+    outbox: Outbox
+    message_id: str
+
+
+class AwaitOps:
+    """Returned by a handler whose reply comes when its agent operations have finished."""
+
+
+AWAIT_OPS = AwaitOps()
+Outcome = dict[str, Any] | AwaitOps
+
+
+@dataclass(frozen=True, slots=True)
+class Api:
+    model: type[BaseModel]
+    handler: Callable[[Ctx, Any], Awaitable[Outcome]]
+    # Reads only: its reply is stored with the message id and published directly (no outbox,
+    # no durable flush), see Pipeline._read_only.
+    read_only: bool = False
+
+
+class Transactions:
+    """Opens the transaction every message and loop runs in. Its commit wakes the relay; a
+    lost database becomes RetryLater (the bus keeps the delivery and tries again)."""
+
+    def __init__(self, store: Store, names: Names) -> None:
+        self.store = store
+        self.names = names
+        self.committed = asyncio.Event()
+        # Since when this replica has been consuming heartbeats: silence before says nothing.
+        self.heard_since = time.monotonic()
+
+    def database_lost(self, exc: BaseException) -> RetryLater:
+        # Heartbeats wait in their queue meanwhile: do not judge agents by this silence.
+        self.heard_since = time.monotonic()
+        return RetryLater(f"database unavailable: {exc}")
+
+    @asynccontextmanager
+    async def open(self, message_id: str = "") -> AsyncIterator[Ctx]:
+        try:
+            async with self.store.transaction() as tx:
+                yield Ctx(tx, Outbox(tx, self.names), message_id)
+        except CONNECTION_ERRORS as exc:
+            raise self.database_lost(exc) from exc
+        self.committed.set()
+
+
+def parse_envelope(body: bytes) -> Envelope:
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(ErrorCode.MALFORMED_MESSAGE, f"body is not JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(ErrorCode.MALFORMED_MESSAGE, "body is nested too deeply") from None
+    if not isinstance(data, dict):
+        raise ApiError(ErrorCode.MALFORMED_MESSAGE, 'body must be {"api": NAME, "params": {...}}')
+    data = {k: v for k, v in data.items() if k in ("api", "params")}
+    try:
+        return Envelope.model_validate(data)
+    except ValidationError as exc:
+        raise ApiError(
+            ErrorCode.MALFORMED_MESSAGE,
+            'body must be {"api": NAME, "params": {...}}: ' + validation_details(exc),
+        ) from None
+
+
+class Pipeline:
+    """Runs every message of `NS.api` through the one order of operations."""
+
+    def __init__(self, transactions: Transactions, bus: Bus, apis: Mapping[str, Api]) -> None:
+        self.transactions = transactions
+        self.bus = bus
+        self.apis = apis
+
+    async def on_api(self, msg: Incoming) -> None:
+        message_id = msg.message_id or f"generated-{uuid.uuid4().hex}"
+        if msg.message_id is None:
+            log.warning("API message without message_id: it cannot be deduplicated")
+        correlation_id = msg.correlation_id or msg.message_id
+        try:
+            envelope: Envelope | ApiError = parse_envelope(msg.body)
+        except ApiError as exc:
+            envelope = exc
+        api_name = envelope.api if isinstance(envelope, Envelope) else None
+        api = self.apis.get(api_name) if api_name is not None else None
+        if isinstance(envelope, Envelope) and api is not None and api.read_only:
+            await self._read_only(msg, envelope, message_id, correlation_id)
+            return
+        async with self.transactions.open(message_id) as ctx:
+            claimed = await ctx.tx.inbox.claim(
+                message_id=message_id,
+                api=api_name or "",
+                reply_to=msg.reply_to,
+                correlation_id=correlation_id,
+            )
+            if not claimed:
+                await self._duplicate(ctx, msg, correlation_id)
+                return
+            if isinstance(envelope, ApiError):
+                await finish_message(ctx.tx, ctx.outbox, message_id, error_reply(None, envelope))
+                return
+            outcome = await self._run(ctx, envelope)
+            if not isinstance(outcome, AwaitOps):  # else the agents' results bring the reply
+                await finish_message(ctx.tx, ctx.outbox, message_id, outcome)
+
+    async def _read_only(
+        self, msg: Incoming, envelope: Envelope, message_id: str, correlation_id: str | None
+    ) -> None:
+        """The queries: the same guarantees as other APIs (a message id runs once, its reply
+        is stored and survives a crash of this process), in fewer round trips.
+        The reads and the one statement that stores the reply with the message id run without
+        a transaction (under READ COMMITTED a transaction gives the reads no common snapshot
+        anyway), and the reply is published straight away rather than through the outbox.
+        Should that publish fail, the delivery is not acked; its redelivery finds the stored
+        reply."""
+        transactions = self.transactions
+        try:
+            async with transactions.store.autocommit() as tx:
+                ctx = Ctx(tx, Outbox(tx, transactions.names), message_id)
+                body = await self._run(ctx, envelope, isolated=False)
+                assert not isinstance(body, AwaitOps), "a read-only API never waits for agents"
+                payload = encode(body)
+                recorded = await tx.inbox.record(
+                    message_id=message_id,
+                    api=envelope.api,
+                    reply_to=msg.reply_to,
+                    correlation_id=correlation_id,
+                    reply=payload.decode(),
+                )
+        except CONNECTION_ERRORS as exc:
+            raise transactions.database_lost(exc) from exc
+        if not recorded:
+            async with transactions.open(message_id) as ctx:
+                await self._duplicate(ctx, msg, correlation_id)
+            return
+        if not msg.reply_to:
+            log.info("message %s (%s) had no reply_to", message_id, envelope.api)
+            return
+        try:
+            await self.bus.publish_reply(msg.reply_to, payload, correlation_id=correlation_id)
+        except Unroutable as exc:
+            # No queue by that name: the caller went away (or never was). Nobody to answer.
+            log.warning("reply to %s dropped: %s", message_id, exc)
+        except PublishRejected as exc:
+            # The reply connection was closed under it: by this message's own forged reply-to,
+            # or by another one's. The outbox relay retries it, and drops what is refused twice.
+            log.warning("reply to %s not published (%s); handed to the outbox", message_id, exc)
+            async with transactions.open(message_id) as ctx:
+                await ctx.outbox.reply(msg.reply_to, correlation_id, body)
+
+    async def _run(self, ctx: Ctx, envelope: Envelope, *, isolated: bool = True) -> Outcome:
+        """Run one API. `isolated`: inside a savepoint, so that a handler that fails leaves
+        no partial writes (read-only handlers write nothing and need none)."""
+        name = envelope.api
+        api = self.apis.get(name)
+        if api is None:
+            known = ", ".join(sorted(self.apis))
+            return error_reply(name, ApiError(ErrorCode.UNKNOWN_API, f"{name!r}; known: {known}"))
+        try:
+            try:
+                # JSON-mode validation: strict types, with enums given as their strings.
+                params = api.model.model_validate_json(json.dumps(envelope.params))
+            except ValidationError as exc:
+                raise ApiError(ErrorCode.INVALID_ARGUMENT, validation_details(exc)) from None
+            if isolated:
+                async with ctx.tx.savepoint():
+                    outcome = await api.handler(ctx, params)
+            else:
+                outcome = await api.handler(ctx, params)
+        except ApiError as exc:
+            return error_reply(name, exc)
+        except CONNECTION_ERRORS:
+            raise
+        except Exception as exc:
+            log.exception("%s failed (message %s)", name, ctx.message_id)
+            return error_reply(name, ApiError(ErrorCode.INTERNAL_ERROR, type(exc).__name__))
+        if isinstance(outcome, AwaitOps):
+            return outcome
+        return success_reply(name, **outcome)
+
+    async def _duplicate(self, ctx: Ctx, msg: Incoming, correlation_id: str | None) -> None:
+        """A message id seen before: the same reply again, never a second execution."""
+        row = await ctx.tx.inbox.get(ctx.message_id)
+        assert row is not None
+        log.info("duplicate message %s (redelivered=%s)", ctx.message_id, msg.redelivered)
+        if not msg.reply_to:
+            return
+        if row.reply is not None:
+            await ctx.outbox.reply(msg.reply_to, correlation_id, row.reply)
+        elif (msg.reply_to, correlation_id) != (row.reply_to, row.correlation_id):
+            await ctx.tx.inbox.add_waiter(
+                message_id=ctx.message_id, reply_to=msg.reply_to, correlation_id=correlation_id
+            )

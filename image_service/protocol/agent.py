@@ -1,0 +1,206 @@
+"""The agent's messages: one model per command, its result, and its heartbeat (PROTOCOL.md
+A.2-A.4). The service builds commands with these models and validates results and heartbeats
+with them; the agent validates commands with them and builds its results with them, so both
+sides read one definition."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, model_validator
+
+from image_service.protocol.errors import ErrorCode
+
+_UUID32 = re.compile(r"^[0-9a-f]{32}$")
+_MD5 = re.compile(r"^[0-9a-f]{32}$")
+
+
+def _uuid32(value: str) -> str:
+    if not _UUID32.match(value):
+        raise ValueError("must be 32 lowercase hex characters")
+    return value
+
+
+def _op_id(value: str) -> str:
+    """Op ids are UUIDs; one spelling (lowercase, with dashes) so journal files and the
+    service's `op` rows always match."""
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise ValueError("must be a UUID") from None
+
+
+def _md5(value: str) -> str:
+    if not _MD5.match(value):
+        raise ValueError("must be 32 lowercase hex characters")
+    return value
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL")
+    return value
+
+
+Uuid32 = Annotated[str, AfterValidator(_uuid32)]
+OpId = Annotated[str, Field(max_length=64), AfterValidator(_op_id)]
+Md5 = Annotated[str, AfterValidator(_md5)]
+FilePath = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_no_nul)]
+Bytes = Annotated[int, Field(ge=0, lt=2**63)]
+ImageFormat = Literal["qcow2", "raw", "iso"]
+SourceFormat = Literal["qcow2", "raw"]
+
+
+class _Message(BaseModel):
+    # Unknown fields are ignored: a newer service or agent may add some during a rolling upgrade.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class _Command(_Message):
+    opId: OpId
+    imageUuid: Uuid32
+    backupStorageUuid: Uuid32
+    installPath: FilePath
+
+
+class DownloadCommand(_Command):
+    """Fetch `url` into `installPath`, checking `md5Sum` when given, then inspect it."""
+
+    command: Literal["download"] = "download"
+    url: Annotated[str, Field(min_length=1, max_length=2048)]
+    format: ImageFormat
+    md5Sum: Md5 | None = None
+
+
+class CreateCommand(_Command):
+    """Flatten the volume or snapshot at `source` into `installPath` (the Create*Template APIs)."""
+
+    command: Literal["create"] = "create"
+    source: FilePath
+    sourceFormat: SourceFormat
+    format: ImageFormat
+
+
+class DeleteCommand(_Command):
+    """Cancel `cancelOpIds`, then remove `installPath` (and its directory when empty)."""
+
+    command: Literal["delete"] = "delete"
+    cancelOpIds: Annotated[list[OpId], Field(max_length=1000)] = []
+
+
+AgentCommand = Annotated[
+    DownloadCommand | CreateCommand | DeleteCommand, Field(discriminator="command")
+]
+_COMMAND = TypeAdapter[AgentCommand](AgentCommand)
+
+
+def parse_command(body: bytes | str) -> AgentCommand:
+    """A command off the agent's queue; raises pydantic's ValidationError naming the field."""
+    return _COMMAND.validate_json(body)
+
+
+def command_from_dict(data: dict[str, Any]) -> AgentCommand:
+    """A command as journalled or stored in the service's `op` table."""
+    return _COMMAND.validate_python(data)
+
+
+class StoredFile(_Message):
+    """What a download or create left at `installPath`."""
+
+    installPath: FilePath
+    size: Bytes
+    actualSize: Bytes
+    virtualSize: Bytes
+    md5Sum: Md5
+    format: ImageFormat
+
+
+_STORED_FIELDS = ("installPath", "size", "actualSize", "virtualSize", "md5Sum", "format")
+
+
+class AgentResult(_Message):
+    """What an agent publishes on `NS.results` when an op has finished. A successful download
+    or create carries every field of `StoredFile`; a failure carries a contract error code."""
+
+    opId: OpId
+    backupStorageUuid: Uuid32
+    success: bool
+    installPath: FilePath | None = None
+    size: Bytes | None = None
+    actualSize: Bytes | None = None
+    virtualSize: Bytes | None = None
+    md5Sum: Md5 | None = None
+    format: ImageFormat | None = None
+    # A code the service does not know becomes OPERATION_ERROR there (PROTOCOL.md A.3).
+    code: Annotated[str, Field(max_length=64)] | None = None
+    details: Annotated[str, Field(max_length=65536)] | None = None
+
+    @model_validator(mode="after")
+    def _stored_file_is_whole(self) -> AgentResult:
+        given = [getattr(self, name) is not None for name in _STORED_FIELDS]
+        if any(given) and not all(given):
+            missing = [n for n, g in zip(_STORED_FIELDS, given, strict=True) if not g]
+            raise ValueError(f"a stored file needs {', '.join(missing)} too")
+        if any(given) and not self.success:
+            raise ValueError("a failed op stores no file")
+        return self
+
+    @property
+    def stored(self) -> StoredFile | None:
+        if self.installPath is None:
+            return None
+        return StoredFile.model_validate(
+            {name: getattr(self, name) for name in _STORED_FIELDS}, strict=False
+        )
+
+    @property
+    def error_code(self) -> ErrorCode:
+        try:
+            return ErrorCode(self.code or "")
+        except ValueError:
+            return ErrorCode.OPERATION_ERROR
+
+    @classmethod
+    def done(cls, command: AgentCommand, backup_storage_uuid: str) -> AgentResult:
+        return cls(opId=command.opId, backupStorageUuid=backup_storage_uuid, success=True)
+
+    @classmethod
+    def stored_as(
+        cls, command: AgentCommand, backup_storage_uuid: str, file: StoredFile
+    ) -> AgentResult:
+        return cls(
+            opId=command.opId,
+            backupStorageUuid=backup_storage_uuid,
+            success=True,
+            **file.model_dump(),
+        )
+
+    @classmethod
+    def failed(
+        cls, op_id: str, backup_storage_uuid: str, code: ErrorCode, details: str
+    ) -> AgentResult:
+        return cls(
+            opId=op_id,
+            backupStorageUuid=backup_storage_uuid,
+            success=False,
+            code=code.value,
+            details=details,
+        )
+
+    def to_json(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+
+class Heartbeat(_Message):
+    """What an agent publishes on `NS.heartbeats` every interval."""
+
+    uuid: Uuid32
+    name: Annotated[str, Field(min_length=1, max_length=255)]
+    url: Annotated[str, Field(min_length=1, max_length=4096)]
+    hostname: Annotated[str, Field(min_length=1, max_length=255)]
+    totalCapacity: Bytes
+    availableCapacity: Bytes
+    heartbeatInterval: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    sentAt: float | None = None

@@ -1,0 +1,112 @@
+"""Settings of every process (service, agent, command line) from flags and the environment.
+
+Each process describes its settings once, as a pydantic-settings model; `options_parser` turns
+every field into a flag (`resend_after` -> `--resend-after`) whose environment variable is the
+model's prefix plus the field's name (`IMAGE_RESEND_AFTER`) or the field's own alias. A flag
+wins over its variable, which wins over the default. A bad value ends the process with one line
+naming the flag and the variable, and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from typing import Annotated, Any, Literal, NoReturn, TypeVar, get_args, get_origin
+
+from pydantic import AfterValidator, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, SettingsError
+
+S = TypeVar("S", bound=BaseSettings)
+USAGE_ERROR = 2
+_NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _namespace(value: str) -> str:
+    if not _NAMESPACE.match(value):
+        raise ValueError("letters, digits, '.', '_' and '-', at most 64, not starting with a sign")
+    return value
+
+
+def _amqp_url(value: str) -> str:
+    if not value.startswith(("amqp://", "amqps://")):
+        raise ValueError("must start with amqp:// or amqps://")
+    return value
+
+
+# The types of the settings every process shares.
+Namespace = Annotated[str, AfterValidator(_namespace)]
+AmqpUrl = Annotated[str, AfterValidator(_amqp_url)]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def env_of(model: type[BaseSettings], name: str) -> str:
+    alias = model.model_fields[name].validation_alias
+    if isinstance(alias, str):
+        return alias
+    return (str(model.model_config.get("env_prefix", "")) + name).upper()
+
+
+def _is_list(info: FieldInfo) -> bool:
+    annotation = info.annotation
+    if get_origin(annotation) in (list, tuple):
+        return True
+    return any(get_origin(arg) in (list, tuple) for arg in get_args(annotation))
+
+
+def options_parser(
+    model: type[BaseSettings], *, prog: str, description: str | None
+) -> argparse.ArgumentParser:
+    """A parser with one option per field of `model` (and no defaults of its own: an option
+    not given is left to the environment, then to the model's default)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    for name, info in model.model_fields.items():
+        env = env_of(model, name)
+        default = (
+            ""
+            if info.is_required()
+            else f"; default {info.get_default(call_default_factory=True)!r}"
+        )
+        help_text = f"{info.description or ''} (env {env}{default})".strip()
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
+        if info.annotation is bool:
+            parser.add_argument(flag_of(name), action="store_true", **kwargs)
+        elif _is_list(info):
+            parser.add_argument(flag_of(name), action="append", metavar="VALUE", **kwargs)
+        else:
+            parser.add_argument(flag_of(name), metavar=name.split("_")[-1].upper(), **kwargs)
+    return parser
+
+
+def settings_from(model: type[S], parser: argparse.ArgumentParser, args: argparse.Namespace) -> S:
+    """The settings: flags given in `args`, then the environment, then defaults."""
+    given = {name: value for name, value in vars(args).items() if name in model.model_fields}
+    try:
+        return model(**given)
+    except ValidationError as exc:
+        _fail(parser, model, exc)
+    except SettingsError as exc:  # an environment variable that is not valid JSON for a list
+        parser.exit(USAGE_ERROR, f"{parser.prog}: {exc}\n")
+
+
+def _fail(
+    parser: argparse.ArgumentParser, model: type[BaseSettings], exc: ValidationError
+) -> NoReturn:
+    by_alias = {env_of(model, name): name for name in model.model_fields}
+    lines = []
+    for error in exc.errors(include_url=False):
+        loc = str(error["loc"][0]) if error["loc"] else ""
+        name = by_alias.get(loc, loc)
+        where = f"{flag_of(name)} / {env_of(model, name)}" if name in model.model_fields else name
+        lines.append(f"{parser.prog}: {where}: {error['msg']} (got {error.get('input')!r})")
+    parser.exit(USAGE_ERROR, "\n".join(lines) + "\n")
+
+
+def exit_with(prog: str, message: str, code: int = 1) -> NoReturn:
+    print(f"{prog}: {message}", file=sys.stderr)
+    raise SystemExit(code)

@@ -1,0 +1,76 @@
+-- Backup storages: registered and refreshed by their agents' heartbeats.
+
+-- name: bs_status_for_update
+-- Read (and lock) the status before a heartbeat's upsert, so the caller publishes a status
+-- event only on a real change. A CTE cannot do this: the upsert runs first and a locking read
+-- of a row the same statement modified sees nothing.
+SELECT status::text AS status FROM backup_storage WHERE uuid = :uuid FOR UPDATE;
+
+-- name: bs_heartbeat
+-- Registers an agent on its first heartbeat and marks it :connected on every one (from the
+-- statuses in :connected_from; a Connected one stays so). `inserted` tells a registration from
+-- an update (xmax is 0 only on a row this statement inserted): two first heartbeats handled at
+-- once both read no previous status, and only one inserts.
+INSERT INTO backup_storage AS bs (uuid, name, url, hostname, total_capacity,
+                                  available_capacity, heartbeat_interval, status,
+                                  last_heartbeat)
+SELECT :uuid, :name, :url, :hostname, :total_capacity, :available_capacity,
+       :heartbeat_interval, :connected, now()
+WHERE NOT EXISTS (SELECT 1 FROM deleted_backup_storage d WHERE d.uuid = :uuid)
+ON CONFLICT (uuid) DO UPDATE SET
+    name = EXCLUDED.name,
+    url = EXCLUDED.url,
+    hostname = EXCLUDED.hostname,
+    total_capacity = EXCLUDED.total_capacity,
+    available_capacity = EXCLUDED.available_capacity,
+    heartbeat_interval = EXCLUDED.heartbeat_interval,
+    status = CASE WHEN bs.status = ANY(:connected_from::bs_status[])
+                  THEN EXCLUDED.status ELSE bs.status END,
+    last_heartbeat = now(),
+    last_op_date = CASE WHEN bs.status = ANY(:connected_from::bs_status[])
+                        THEN now() ELSE bs.last_op_date END
+RETURNING uuid, (xmax = 0) AS inserted;
+
+-- name: bs_mark_disconnected
+-- :missed heartbeats; :heard_for seconds since this replica could last rely on having consumed
+-- the heartbeats: since it started, or since its database came back. That moment counts as a
+-- heartbeat: the heartbeats (and results) sent while it could not consume them are still in
+-- their queues, so silence before it says nothing about the agent.
+UPDATE backup_storage
+SET status = :disconnected, last_op_date = now()
+WHERE status = ANY(:allowed::bs_status[])
+  AND last_heartbeat IS NOT NULL
+  AND greatest(last_heartbeat, now() - make_interval(secs => :heard_for))
+      < now() - make_interval(secs => heartbeat_interval * :missed)
+RETURNING uuid;
+
+-- name: bs_get_many
+SELECT uuid, name, url, hostname, state::text AS state, status::text AS status,
+       available_capacity
+FROM backup_storage WHERE uuid = ANY(:uuids::bpchar[]) ORDER BY uuid;
+
+-- name: bs_all
+SELECT uuid, name, url, hostname, state::text AS state, status::text AS status,
+       available_capacity
+FROM backup_storage ORDER BY uuid;
+
+-- name: bs_lock
+SELECT uuid, name, url, hostname, state::text AS state, status::text AS status,
+       available_capacity
+FROM backup_storage WHERE uuid = :uuid FOR UPDATE;
+
+-- name: bs_change_state
+UPDATE backup_storage SET state = :state, last_op_date = now()
+WHERE uuid = :uuid AND state = ANY(:allowed::bs_state[])
+RETURNING uuid;
+
+-- name: bs_delete
+DELETE FROM backup_storage WHERE uuid = :uuid RETURNING uuid;
+
+-- name: bs_tombstone
+INSERT INTO deleted_backup_storage (uuid) VALUES (:uuid) ON CONFLICT DO NOTHING;
+
+-- name: bs_inventories
+SELECT uuid, name, description, url, hostname, type, state, status, total_capacity,
+       available_capacity, create_date, last_op_date
+FROM backup_storage WHERE uuid = ANY(:uuids::bpchar[]);

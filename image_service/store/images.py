@@ -1,0 +1,193 @@
+"""Images and their references on backup storages."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from image_service.lifecycle import (
+    IMAGE_STATE,
+    IMAGE_STATUS,
+    REF_STATUS,
+    BackupStorageStatus,
+    ImageState,
+    ImageStatus,
+    RefStatus,
+)
+from image_service.store.group import QueryGroup, Record
+from image_service.store.rows import HeldImage, ImageRow, InventoryRow, RefRow
+
+
+@dataclass(frozen=True, slots=True)
+class NewImageRow:
+    uuid: str
+    name: str
+    description: str | None
+    status: ImageStatus
+    url: str
+    media_type: str
+    guest_os_type: str | None
+    platform: str
+    system: bool
+    format: str
+    expected_md5: str | None
+    type: str = "zstack"
+
+
+def _image(row: Record) -> ImageRow:
+    return ImageRow(
+        uuid=row["uuid"],
+        name=row["name"],
+        state=ImageState(row["state"]),
+        status=ImageStatus(row["status"]),
+        media_type=row["media_type"],
+        platform=row["platform"],
+        system=row["system"],
+        format=row["format"],
+    )
+
+
+class Images(QueryGroup, sql_file="images.sql"):
+    __slots__ = ()
+
+    async def insert(self, image: NewImageRow) -> bool:
+        """False when an image with that uuid exists already."""
+        row = await self._row(
+            "image_insert",
+            uuid=image.uuid,
+            name=image.name,
+            description=image.description,
+            status=image.status,
+            url=image.url,
+            media_type=image.media_type,
+            guest_os_type=image.guest_os_type,
+            platform=image.platform,
+            system=image.system,
+            format=image.format,
+            expected_md5=image.expected_md5,
+            type=image.type,
+        )
+        return row is not None
+
+    async def lock(self, uuid: str) -> ImageRow | None:
+        """Lock one image row: every change to an image, its references or its ops takes it
+        first, so that concurrent work on one image (in any replica) is serialised."""
+        row = await self._row("image_lock", uuid=uuid)
+        return _image(row) if row is not None else None
+
+    async def lock_many(self, uuids: list[str]) -> dict[str, ImageRow]:
+        """Lock several image rows in uuid order (the one order every transaction uses)."""
+        rows = await self._rows("images_lock", uuids=sorted(set(uuids)))
+        return {row["uuid"]: _image(row) for row in rows}
+
+    async def mark_ready(
+        self, *, uuid: str, size: int, actual_size: int, virtual_size: int, md5_sum: str
+    ) -> bool:
+        ready = ImageStatus.Ready
+        row = await self._row(
+            "image_mark_ready",
+            uuid=uuid,
+            size=size,
+            actual_size=actual_size,
+            virtual_size=virtual_size,
+            md5_sum=md5_sum,
+            ready=ready,
+            allowed=IMAGE_STATUS.allowed_from(ready),
+        )
+        return row is not None
+
+    async def change_state(self, *, uuid: str, state: ImageState) -> bool:
+        """False when the image is in `state` already."""
+        row = await self._row(
+            "image_change_state", uuid=uuid, state=state, allowed=IMAGE_STATE.allowed_from(state)
+        )
+        return row is not None
+
+    async def update(
+        self,
+        *,
+        uuid: str,
+        name: str | None,
+        description: str | None,
+        guest_os_type: str | None,
+        platform: str | None,
+        media_type: str | None,
+        system: bool | None,
+    ) -> None:
+        """Change the fields given (None leaves a field as it is)."""
+        await self._execute(
+            "image_update",
+            uuid=uuid,
+            name=name,
+            description=description,
+            guest_os_type=guest_os_type,
+            platform=platform,
+            media_type=media_type,
+            system=system,
+        )
+
+    async def delete(self, uuid: str) -> None:
+        """Remove the image; its references and tags go with it (ON DELETE CASCADE)."""
+        await self._execute("image_delete", uuid=uuid)
+
+    async def inventory_rows(self, uuids: list[str]) -> list[InventoryRow]:
+        return await self._inventory_rows("image_inventories", uuids=uuids)
+
+    # --- references -----------------------------------------------------------------------
+
+    async def add_ref(
+        self, *, image_uuid: str, backup_storage_uuid: str, install_path: str, status: RefStatus
+    ) -> None:
+        await self._execute(
+            "ref_insert",
+            image_uuid=image_uuid,
+            backup_storage_uuid=backup_storage_uuid,
+            install_path=install_path,
+            status=status,
+        )
+
+    async def mark_ref_ready(
+        self, *, image_uuid: str, backup_storage_uuid: str, install_path: str
+    ) -> bool:
+        ready = RefStatus.Ready
+        row = await self._row(
+            "ref_mark_ready",
+            image_uuid=image_uuid,
+            backup_storage_uuid=backup_storage_uuid,
+            install_path=install_path,
+            ready=ready,
+            allowed=REF_STATUS.allowed_from(ready),
+        )
+        return row is not None
+
+    async def delete_ref(self, *, image_uuid: str, backup_storage_uuid: str) -> str | None:
+        """Remove a reference; returns its install path, None when there was none."""
+        path: str | None = await self._value(
+            "ref_delete", image_uuid=image_uuid, backup_storage_uuid=backup_storage_uuid
+        )
+        return path
+
+    async def refs(self, image_uuid: str) -> list[RefRow]:
+        return [
+            RefRow(
+                backup_storage_uuid=row["backup_storage_uuid"],
+                install_path=row["install_path"],
+                status=RefStatus(row["status"]),
+                bs_status=BackupStorageStatus(row["bs_status"]),
+                hostname=row["hostname"],
+            )
+            for row in await self._rows("refs_of_image", image_uuid=image_uuid)
+        ]
+
+    async def held_by(self, backup_storage_uuid: str) -> list[HeldImage]:
+        rows = await self._rows("refs_of_bs", backup_storage_uuid=backup_storage_uuid)
+        return [HeldImage(**row) for row in rows]
+
+    async def ready_ref_at(self, *, backup_storage_uuid: str, install_path: str) -> bool:
+        """Whether a Ready reference keeps the file at `install_path`."""
+        found = await self._value(
+            "ref_ready_at_path",
+            backup_storage_uuid=backup_storage_uuid,
+            install_path=install_path,
+            ready=RefStatus.Ready,
+        )
+        return found is not None

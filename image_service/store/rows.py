@@ -1,0 +1,137 @@
+"""What the store's queries return: frozen dataclasses, one per row shape.
+
+Statuses and states come back as the enums of `image_service.lifecycle`. Inventory queries are
+the exception: they return the database's rows as read-only mappings (`InventoryRow`), which
+`image_service.inventory` turns into the contract's inventories, because they are the hot path
+of every query reply.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from image_service.lifecycle import (
+    BackupStorageState,
+    BackupStorageStatus,
+    ImageState,
+    ImageStatus,
+    OpKind,
+    RefStatus,
+)
+
+InventoryRow = Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class InboxRow:
+    message_id: str
+    api: str
+    reply_to: str | None
+    correlation_id: str | None
+    image_uuid: str | None
+    reply: Any
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyTarget:
+    reply_to: str | None
+    correlation_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    id: int
+    exchange: str
+    routing_key: str
+    body: Any
+    correlation_id: str | None
+    message_id: str | None
+    persistent: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BackupStorageRow:
+    uuid: str
+    name: str
+    url: str
+    hostname: str
+    state: BackupStorageState
+    status: BackupStorageStatus
+    available_capacity: int
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRow:
+    uuid: str
+    name: str
+    state: ImageState
+    status: ImageStatus
+    media_type: str
+    platform: str
+    system: bool
+    format: str
+
+
+@dataclass(frozen=True, slots=True)
+class RefRow:
+    """A reference of one image, with what its backup storage looks like now."""
+
+    backup_storage_uuid: str
+    install_path: str
+    status: RefStatus
+    bs_status: BackupStorageStatus
+    hostname: str
+
+
+@dataclass(frozen=True, slots=True)
+class HeldImage:
+    """A reference seen from its backup storage."""
+
+    image_uuid: str
+    install_path: str
+
+
+@dataclass(frozen=True, slots=True)
+class OpRow:
+    op_id: uuid.UUID
+    kind: OpKind
+    message_id: str | None
+    image_uuid: str
+    backup_storage_uuid: str
+    command: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Cause:
+    """Why an op failed on one backup storage (an entry of a reply's `causes`)."""
+
+    backup_storage_uuid: str
+    code: str
+    details: str | None
+
+    def to_reply(self) -> dict[str, Any]:
+        return {
+            "backupStorageUuid": self.backup_storage_uuid,
+            "code": self.code,
+            "details": self.details,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Succeeded:
+    backup_storage_uuid: str
+    result: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class TemplateSource:
+    """A volume or snapshot of the read model, as a template is made from it."""
+
+    uuid: str
+    type: str | None
+    install_path: str | None
+    format: str | None
+    root_image_uuid: str | None
