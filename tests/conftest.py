@@ -25,8 +25,13 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
+from image_service.api import APIS
+from image_service.outbox import encode
+from image_service.pipeline import Ctx, Pipeline, Transactions, parse_envelope
 from image_service.protocol.names import Names
 from image_service.protocol.transport import ApiClient
+from image_service.store import Store
+from image_service.store.migrations import available_migrations, migrate
 
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 PG_URL = os.environ.get("TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432")
@@ -341,12 +346,103 @@ class Stack:
         return await self.db.fetchrow("SELECT * FROM image WHERE uuid = $1", image_uuid)
 
 
+# --- databases ---------------------------------------------------------------------------
+
+
+def _template_name() -> str:
+    """Named after the migrations it holds: a changed migration makes a new template."""
+    digest = hashlib.sha256()
+    for migration in available_migrations():
+        digest.update(migration.sql.encode())
+    return f"zimage_template_{digest.hexdigest()[:12]}"
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def template_database() -> str:
+    """A database migrated once per run (per set of migrations); every test's database is a
+    copy of it (`CREATE DATABASE ... TEMPLATE`), which takes milliseconds instead of running
+    the migrations again. Built under another name and renamed when complete, so a run that
+    dies half way never leaves a half-migrated template behind."""
+    name = _template_name()
+    admin = await asyncpg.connect(f"{PG_URL}/postgres")
+    try:
+        if await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+            return name
+        building = f"{name}_{uuid.uuid4().hex[:8]}"
+        await admin.execute(f'CREATE DATABASE "{building}"')
+        conn = await asyncpg.connect(f"{PG_URL}/{building}")
+        try:
+            await migrate(conn)
+        finally:
+            await conn.close()
+        try:
+            await admin.execute(f'ALTER DATABASE "{building}" RENAME TO "{name}"')
+            await admin.execute(f'ALTER DATABASE "{name}" WITH IS_TEMPLATE true')
+        except asyncpg.exceptions.DuplicateDatabaseError:  # another run was quicker
+            await admin.execute(f'DROP DATABASE "{building}"')
+        return name
+    finally:
+        await admin.close()
+
+
+async def clone_database(template: str, dbname: str) -> str:
+    """A fresh database for one test, copied from the migrated template; returns its url."""
+    admin = await asyncpg.connect(f"{PG_URL}/postgres")
+    try:
+        await admin.execute(f'CREATE DATABASE "{dbname}" TEMPLATE "{template}"')
+    finally:
+        await admin.close()
+    return f"{PG_URL}/{dbname}"
+
+
+@dataclass
+class PgStack:
+    """The service's database and its read-only APIs, without broker or processes: for tests
+    of the query language, which need only PostgreSQL. `call` runs an API through the same
+    envelope parsing, validation, handler and reply shape as the service (JSON round trip
+    included); only the transport is missing."""
+
+    database_url: str
+    db: asyncpg.Connection
+    store: Store
+
+    async def call(
+        self, api: str, params: dict[str, Any] | None = None, **_: Any
+    ) -> dict[str, Any]:
+        envelope = parse_envelope(json.dumps({"api": api, "params": params or {}}).encode())
+        if envelope.api in APIS and not APIS[envelope.api].read_only:
+            raise AssertionError(f"{api} needs agents or the outbox: use the `stack` fixture")
+        pipeline = Pipeline(Transactions(self.store, Names("unused")), None, APIS)  # type: ignore[arg-type]
+        async with self.store.autocommit() as tx:
+            ctx = Ctx(tx, None, f"local-{uuid.uuid4().hex}")  # type: ignore[arg-type]
+            reply = await pipeline._run(ctx, envelope, isolated=False)
+        return dict(json.loads(encode(reply)))
+
+
 @pytest_asyncio.fixture(loop_scope="session")
-async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+async def pg(template_database: str) -> AsyncIterator[PgStack]:
+    """A fresh migrated database and the read-only APIs on it (no broker)."""
+    dbname = f"images_pg{uuid.uuid4().hex[:12]}"
+    database_url = await clone_database(template_database, dbname)
+    store = await Store.open(database_url, min_size=1, max_size=2)
+    db = await asyncpg.connect(database_url)
+    try:
+        yield PgStack(database_url, db, store)
+    finally:
+        await db.close()
+        await store.close()
+        await _drop_database(dbname)
+
+
+# --- the whole deployment ------------------------------------------------------------------
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def stack(tmp_path: Path, template_database: str) -> AsyncIterator[Stack]:
     """A fresh deployment with one service replica running and no agents yet."""
     namespace = f"t{uuid.uuid4().hex[:12]}"
     dbname = f"images_{namespace}"
-    database_url = f"{PG_URL}/{dbname}"
+    database_url = await clone_database(template_database, dbname)
     http = FileServer(tmp_path / "www")
     http.directory.mkdir()
     await http.start()
@@ -363,10 +459,8 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
             None,  # type: ignore[arg-type]
         )
         service_proc_stack.start_service()
-        # The service creates its database and schema; wait for it before connecting.
-        db = await wait_for(lambda: _try_connect(database_url), timeout=30)
+        db = await asyncpg.connect(database_url)
         service_proc_stack.db = db
-        await wait_for(lambda: _schema_ready(db), timeout=30)
         # The service consumes the API queue last, after migrating and declaring its topology:
         # only then is a request sure to be served rather than dropped as unroutable.
         await wait_for(lambda: _api_consumed(namespace), timeout=30)

@@ -54,8 +54,9 @@ SourceFormat = Literal["qcow2", "raw"]
 
 
 class _Message(BaseModel):
-    # Unknown fields are ignored: a newer service or agent may add some during a rolling upgrade.
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    # Strict: "10" is not a size. Unknown fields are ignored: a newer service or agent may add
+    # some during a rolling upgrade.
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
 
 
 class _Command(_Message):

@@ -19,7 +19,8 @@ from image_service.store.inbox import Inbox
 from image_service.store.migrations import migrate
 from image_service.store.ops import Ops
 from image_service.store.outbox import OutboxTable
-from image_service.store.volumes import Tags, Volumes
+from image_service.store.tags import Tags
+from image_service.store.volumes import Volumes
 
 # Errors that mean "the database is unreachable now", as opposed to a bug in a statement.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (

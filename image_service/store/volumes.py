@@ -1,12 +1,10 @@
-"""The read model of volumes and snapshots, and user tags."""
+"""The read model of volumes and snapshots."""
 
 from __future__ import annotations
 
-from typing import cast
-
 from image_service.protocol.events import SnapshotEvent, VolumeEvent
 from image_service.store.group import QueryGroup, Record
-from image_service.store.rows import InventoryRow, TemplateSource
+from image_service.store.rows import TemplateSource
 
 
 def _source(row: Record | None) -> TemplateSource | None:
@@ -52,17 +50,3 @@ class Volumes(QueryGroup, sql_file="volumes.sql"):
 
     async def snapshot(self, uuid: str) -> TemplateSource | None:
         return _source(await self._row("snapshot_get", uuid=uuid))
-
-
-class Tags(QueryGroup, sql_file="tags.sql"):
-    __slots__ = ()
-
-    async def insert(self, *, uuid: str, resource_uuid: str, tag: str) -> InventoryRow | None:
-        row = await self._row("tag_insert", uuid=uuid, resource_uuid=resource_uuid, tag=tag)
-        return cast(InventoryRow, row) if row is not None else None
-
-    async def delete(self, uuid: str) -> None:
-        await self._execute("tag_delete", uuid=uuid)
-
-    async def inventory_rows(self, uuids: list[str]) -> list[InventoryRow]:
-        return await self._inventory_rows("tag_inventories", uuids=uuids)

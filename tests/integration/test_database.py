@@ -1,0 +1,274 @@
+"""The database on its own (PostgreSQL only, no broker): the state machines against the
+schema's ENUMs, versioned migrations, and the lock order on images."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from image_service.lifecycle import DB_ENUMS, MACHINES
+from image_service.store import LATEST_VERSION, SchemaTooNew
+from image_service.store.migrations import available_migrations, current_version, migrate
+from tests.conftest import PG_URL, PgStack, _drop_database
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def empty_db() -> AsyncIterator[tuple[str, asyncpg.Connection]]:
+    """A database with no schema at all."""
+    dbname = f"images_empty{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(f"{PG_URL}/postgres")
+    await admin.execute(f'CREATE DATABASE "{dbname}"')
+    await admin.close()
+    conn = await asyncpg.connect(f"{PG_URL}/{dbname}")
+    try:
+        yield f"{PG_URL}/{dbname}", conn
+    finally:
+        await conn.close()
+        await _drop_database(dbname)
+
+
+# --- the state machines and the schema -----------------------------------------------------
+
+
+async def enum_labels(db: asyncpg.Connection, type_name: str) -> list[str]:
+    rows = await db.fetch(
+        "SELECT e.enumlabel FROM pg_enum e JOIN pg_type t ON t.oid = e.enumtypid"
+        " WHERE t.typname = $1 ORDER BY e.enumsortorder",
+        type_name,
+    )
+    return [row[0] for row in rows]
+
+
+@pytest.mark.parametrize("machine", MACHINES, ids=lambda m: m.name)
+async def test_every_state_machine_matches_its_enum(pg: PgStack, machine) -> None:  # type: ignore[no-untyped-def]
+    labels = await enum_labels(pg.db, machine.db_type)
+    assert labels, f"no ENUM {machine.db_type}"
+    assert set(labels) == {s.value for s in machine.states}
+
+
+async def test_other_enums_match(pg: PgStack) -> None:
+    for type_name, enum in DB_ENUMS.items():
+        assert set(await enum_labels(pg.db, type_name)) == {e.value for e in enum}
+
+
+async def test_every_status_column_uses_a_machine_type(pg: PgStack) -> None:
+    """No state is kept in a column the machines do not describe."""
+    columns = await pg.db.fetch(
+        "SELECT table_name, column_name, udt_name FROM information_schema.columns"
+        " WHERE table_schema = 'public' AND column_name IN ('status', 'state')"
+    )
+    known = {m.db_type for m in MACHINES}
+    assert columns
+    for row in columns:
+        assert row["udt_name"] in known, dict(row)
+
+
+async def test_the_guard_refuses_what_the_table_forbids(pg: PgStack) -> None:
+    """The database enforces the same transitions: a Ready image does not become Ready again,
+    a finished op does not finish twice."""
+    image = uuid.uuid4().hex
+    await pg.db.execute(
+        "INSERT INTO image (uuid, name, status, url, media_type, platform, format, size, md5_sum)"
+        " VALUES ($1, 'x', 'Ready', 'http://h/x', 'RootVolumeTemplate', 'Linux', 'raw', 1, $2)",
+        image,
+        "0" * 32,
+    )
+    async with pg.store.transaction() as tx:
+        marked = await tx.images.mark_ready(
+            uuid=image, size=2, actual_size=2, virtual_size=2, md5_sum="1" * 32
+        )
+        assert not marked
+    assert await pg.db.fetchval("SELECT size FROM image WHERE uuid = $1", image) == 1
+
+
+# --- migrations ---------------------------------------------------------------------------
+
+
+FIRST_RELEASE_ROWS = """
+INSERT INTO backup_storage (uuid, name, url, hostname, status, total_capacity,
+                            available_capacity, last_heartbeat)
+VALUES ('b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1', 'bs1', '/srv/bs1', 'h1', 'Connected', 100, 50, now());
+INSERT INTO deleted_backup_storage (uuid) VALUES ('dddddddddddddddddddddddddddddddd');
+INSERT INTO image (uuid, name, description, status, url, media_type, platform, format, size,
+                   actual_size, virtual_size, md5_sum)
+VALUES ('a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1', 'CentOS7', 'golden', 'Ready', 'http://h/c.qcow2',
+        'RootVolumeTemplate', 'Linux', 'qcow2', 10, 8, 64, '0123456789abcdef0123456789abcdef'),
+       ('a2a2a2a2a2a2a2a2a2a2a2a2a2a2a2a2', 'ubuntu', NULL, 'Downloading', 'http://h/u.raw',
+        'RootVolumeTemplate', 'Linux', 'raw', NULL, NULL, NULL, NULL);
+INSERT INTO image_backup_storage_ref (image_uuid, backup_storage_uuid, install_path, status)
+VALUES ('a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1', 'b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1',
+        '/srv/bs1/templates/a1/CentOS7.template', 'Ready'),
+       ('a2a2a2a2a2a2a2a2a2a2a2a2a2a2a2a2', 'b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1',
+        '/srv/bs1/templates/a2/ubuntu.template', 'Downloading');
+INSERT INTO op (op_id, kind, message_id, image_uuid, backup_storage_uuid, command)
+VALUES ('11111111-1111-1111-1111-111111111111', 'download', 'm1',
+        'a2a2a2a2a2a2a2a2a2a2a2a2a2a2a2a2', 'b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1',
+        '{"command": "download", "opId": "11111111-1111-1111-1111-111111111111"}');
+INSERT INTO op (op_id, kind, status, image_uuid, backup_storage_uuid, command, finished_at)
+VALUES ('22222222-2222-2222-2222-222222222222', 'delete', 'Succeeded',
+        'a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1', 'b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1', '{}', now());
+INSERT INTO inbox (message_id, api, reply_to, correlation_id, image_uuid)
+VALUES ('m1', 'AddImage', 'amq.gen-x', 'c1', 'a2a2a2a2a2a2a2a2a2a2a2a2a2a2a2a2');
+INSERT INTO inbox (message_id, api, reply, finished_at)
+VALUES ('m0', 'QueryImage', '{"success": true, "api": "QueryImage", "inventories": []}', now());
+INSERT INTO inbox_waiter (message_id, reply_to, correlation_id) VALUES ('m1', 'amq.gen-y', 'c2');
+INSERT INTO outbox (exchange, routing_key, body, persistent)
+VALUES ('image.events', 'image.status.a2', '{"uuid": "a2"}', false);
+INSERT INTO user_tag (uuid, resource_uuid, tag)
+VALUES ('c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1c1', 'a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1', 'golden-image');
+INSERT INTO volume (uuid, name, type, root_image_uuid, install_path, format, size)
+VALUES ('e1e1e1e1e1e1e1e1e1e1e1e1e1e1e1e1', 'root', 'Root', 'a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1a1',
+        'file:///v/root.qcow2', 'qcow2', 64);
+INSERT INTO volume_snapshot (uuid, volume_uuid, install_path, format, size)
+VALUES ('f1f1f1f1f1f1f1f1f1f1f1f1f1f1f1f1', 'e1e1e1e1e1e1e1e1e1e1e1e1e1e1e1e1',
+        'file:///v/snap.qcow2', 'qcow2', 64);
+"""
+
+
+async def dump(db: asyncpg.Connection) -> dict[str, list[str]]:
+    """Every row of every table, as JSON text, in a stable order."""
+    tables = [
+        row[0]
+        for row in await db.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+            " AND tablename <> 'schema_version' ORDER BY tablename"
+        )
+    ]
+    return {
+        table: [r[0] for r in await db.fetch(f"SELECT t::text FROM {table} t ORDER BY t::text")]
+        for table in tables
+    }
+
+
+async def test_a_first_release_database_is_migrated_without_losing_a_row(
+    empty_db: tuple[str, asyncpg.Connection],
+) -> None:
+    _, db = empty_db
+    # What the first release did at every start: run its unversioned schema.sql (migration 1).
+    await db.execute(available_migrations()[0].sql)
+    await db.execute(FIRST_RELEASE_ROWS)
+    before = await dump(db)
+    assert sum(len(rows) for rows in before.values()) == 15
+
+    applied = await migrate(db)
+
+    assert applied == list(range(2, LATEST_VERSION + 1)), "version 1 is adopted, not re-run"
+    assert await current_version(db) == LATEST_VERSION
+    assert await dump(db) == before
+    indexes = {
+        r[0] for r in await db.fetch("SELECT indexname FROM pg_indexes WHERE tablename = 'op'")
+    }
+    assert "op_status_sent_idx" in indexes and "op_pending_idx" not in indexes
+    assert await migrate(db) == [], "a second run finds nothing to do"
+
+
+async def test_replicas_that_start_together_migrate_once(
+    empty_db: tuple[str, asyncpg.Connection],
+) -> None:
+    url, db = empty_db
+    conns = [await asyncpg.connect(url) for _ in range(4)]
+    try:
+        results = await asyncio.gather(*(migrate(conn) for conn in conns))
+    finally:
+        for conn in conns:
+            await conn.close()
+    assert sorted(results, key=len) == [[], [], [], list(range(1, LATEST_VERSION + 1))]
+    versions = [r[0] for r in await db.fetch("SELECT version FROM schema_version ORDER BY 1")]
+    assert versions == list(range(1, LATEST_VERSION + 1))
+
+
+async def test_a_database_newer_than_the_code_is_refused(pg: PgStack) -> None:
+    await pg.db.execute(
+        "INSERT INTO schema_version (version, name, checksum) VALUES ($1, 'future', 'x')",
+        LATEST_VERSION + 1,
+    )
+    before = await dump(pg.db)
+    with pytest.raises(SchemaTooNew, match=f"version {LATEST_VERSION + 1}, newer"):
+        await migrate(pg.db)
+    for command in ("migrate", "run"):
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "image_service.main",
+                command,
+                "--database-url",
+                pg.database_url,
+                "--amqp-url",
+                "amqp://guest:guest@127.0.0.1:1/",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 1, done
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith("image-service: the database schema is at version"), done.stderr
+        assert "Traceback" not in done.stderr
+    assert await dump(pg.db) == before
+
+
+async def test_migrate_creates_a_missing_database() -> None:
+    dbname = f"images_new{uuid.uuid4().hex[:12]}"
+    try:
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "image_service.main",
+                "migrate",
+                "--database-url",
+                f"{PG_URL}/{dbname}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        db = await asyncpg.connect(f"{PG_URL}/{dbname}")
+        try:
+            assert await current_version(db) == LATEST_VERSION
+        finally:
+            await db.close()
+    finally:
+        await _drop_database(dbname)
+
+
+# --- lock order -----------------------------------------------------------------------------
+
+
+async def test_images_are_locked_in_uuid_order_whatever_the_order_asked(pg: PgStack) -> None:
+    """Two transactions lock the same images, asked for in opposite orders, each in two steps
+    (the second call re-locks what the first holds): with locks taken in one order neither
+    waits for the other in a cycle; PostgreSQL would abort one with a deadlock otherwise."""
+    uuids = [uuid.uuid4().hex for _ in range(50)]
+    for u in uuids:
+        await pg.db.execute(
+            "INSERT INTO image (uuid, name, status, url, media_type, platform, format)"
+            " VALUES ($1, 'x', 'Downloading', 'http://h/x', 'RootVolumeTemplate', 'Linux', 'raw')",
+            u,
+        )
+    first_half = asyncio.Event()
+
+    async def worker(order: list[str]) -> int:
+        async with pg.store.transaction() as tx:
+            locked = await tx.images.lock_many(order[: len(order) // 2] + order[len(order) // 2 :])
+            first_half.set()
+            await asyncio.sleep(0.05)
+            again = await tx.images.lock_many(list(reversed(order)))
+            return len(locked) + len(again)
+
+    results = await asyncio.wait_for(
+        asyncio.gather(
+            worker(uuids), worker(list(reversed(uuids))), worker(uuids[::2] + uuids[1::2])
+        ),
+        timeout=30,
+    )
+    assert results == [100, 100, 100]
