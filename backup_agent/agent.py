@@ -1,4 +1,4 @@
-"""The backup-storage agent process.
+"""The backup-storage agent process: commands in, results and heartbeats out.
 
 Commands arrive on the durable queue `NS.agent.<uuid>`; each is journalled before its delivery
 is acked, runs as a task, and its result is journalled and then published to the durable
@@ -11,27 +11,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
-from pathlib import Path
 
 from pydantic import ValidationError
 
 from backup_agent.config import AgentSettings
-from backup_agent.conversion import flatten, hash_file, materialize, remove_tree
+from backup_agent.conversion import remove_tree
 from backup_agent.fetchers import OpFailure
-from backup_agent.inspection import inspect_image
 from backup_agent.journal import Entry, Journal
-from backup_agent.layout import Layout, PathRejected, fsync_dir
-from backup_agent.transfer import Progress, receive
+from backup_agent.layout import Layout
+from backup_agent.work import Work
 from image_service.protocol.agent import (
     AgentCommand,
     AgentResult,
-    CreateCommand,
     DeleteCommand,
-    DownloadCommand,
     Heartbeat,
-    StoredFile,
     command_from_dict,
     parse_command,
 )
@@ -56,13 +50,13 @@ class Agent:
         )
         self.uuid = ""
         self.running: dict[str, asyncio.Task[None]] = {}
-        self._downloads = asyncio.Semaphore(settings.max_downloads)
         self._heartbeat: asyncio.Task[None] | None = None
         self._stopping = False
 
     async def start(self) -> None:
         self.layout.prepare()
         self.uuid = self.layout.identity()
+        self.work = Work(self.settings, self.layout, self.uuid, self.running, self._progress)
         await self.bus.connect()
         await self.bus.declare_agent_topology(self.uuid)
         self.journal.prune(JOURNAL_RETENTION)
@@ -154,12 +148,7 @@ class Agent:
     async def _execute(self, command: AgentCommand) -> None:
         op_id = command.opId
         try:
-            if isinstance(command, DownloadCommand):
-                result = await self._download(command)
-            elif isinstance(command, CreateCommand):
-                result = await self._create(command)
-            else:
-                result = await self._delete(command)
+            result = await self.work.run(command)
         except OpFailure as exc:
             log.warning("op %s failed: %s", op_id, exc)
             result = AgentResult.failed(op_id, self.uuid, exc.code, exc.details)
@@ -176,111 +165,6 @@ class Agent:
             self.running.pop(op_id, None)
         entry = self.journal.finish(op_id, command.model_dump(mode="json"), result)
         await self._publish_result(entry)
-
-    def _target(self, command: DownloadCommand | CreateCommand) -> Path:
-        try:
-            return self.layout.resolve_install_path(command.installPath)
-        except PathRejected as exc:
-            raise OpFailure(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
-
-    def _reporter(self, command: AgentCommand) -> Progress:
-        async def progress(done: int, total: int | None) -> None:
-            await self._progress(command.imageUuid, done, total)
-
-        return progress
-
-    async def _store(
-        self,
-        command: DownloadCommand | CreateCommand,
-        partial: Path,
-        final: Path,
-        size: int,
-        md5: str,
-    ) -> AgentResult:
-        """Inspect a finished partial file and move it into place; the op's result."""
-        facts = await inspect_image(partial, command.format)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(partial, final)
-        fsync_dir(final.parent)
-        stored = StoredFile(
-            installPath=str(final),
-            size=size,
-            actualSize=facts.actual_size,
-            virtualSize=facts.virtual_size,
-            md5Sum=md5,
-            format=command.format,
-        )
-        return AgentResult.stored_as(command, self.uuid, stored)
-
-    async def _download(self, command: DownloadCommand) -> AgentResult:
-        final = self._target(command)
-        async with self._downloads:
-            capacity = await asyncio.to_thread(self.layout.capacity, self.settings.capacity)
-            partial = self.layout.partial_path(command.opId)
-            received = await receive(
-                command.url,
-                partial,
-                self.settings.fetch,
-                available=capacity.available,
-                progress=self._reporter(command),
-            )
-            try:
-                expected = command.md5Sum
-                if expected and expected != received.md5:
-                    raise OpFailure(
-                        ErrorCode.CHECKSUM_MISMATCH, f"expected md5 {expected}, got {received.md5}"
-                    )
-                return await self._store(command, partial, final, received.size, received.md5)
-            except BaseException:
-                partial.unlink(missing_ok=True)
-                raise
-
-    async def _create(self, command: CreateCommand) -> AgentResult:
-        final = self._target(command)
-        async with self._downloads:
-            capacity = await asyncio.to_thread(self.layout.capacity, self.settings.capacity)
-            partial = self.layout.partial_path(command.opId)
-            workdir = partial.with_name(f"{partial.name}.chain")
-            try:
-                source = await materialize(
-                    command.source,
-                    command.sourceFormat,
-                    workdir,
-                    volume_roots=self.settings.volume_roots,
-                    settings=self.settings.fetch,
-                    available=capacity.available,
-                    progress=self._reporter(command),
-                )
-                await flatten(source, command.sourceFormat, partial, command.format)
-                hashed = await hash_file(partial)
-                if hashed.size > capacity.available:
-                    raise OpFailure(
-                        ErrorCode.CAPACITY_EXCEEDED,
-                        f"the template has {hashed.size} bytes; {capacity.available} are available",
-                    )
-                return await self._store(command, partial, final, hashed.size, hashed.md5)
-            except BaseException:
-                partial.unlink(missing_ok=True)
-                raise
-            finally:
-                remove_tree(workdir)
-
-    async def _delete(self, command: DeleteCommand) -> AgentResult:
-        for cancel_id in command.cancelOpIds:
-            task = self.running.get(cancel_id)
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-            self.layout.partial_path(cancel_id).unlink(missing_ok=True)
-        try:
-            path = self.layout.resolve_install_path(command.installPath)
-        except PathRejected as exc:
-            log.error("delete of %s refused: %s", command.installPath, exc)
-        else:
-            path.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):
-                path.parent.rmdir()  # only when empty
-        return AgentResult.done(command, self.uuid)
 
     # --- publishing ----------------------------------------------------------------------
 

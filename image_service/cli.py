@@ -20,9 +20,9 @@ from typing import Annotated, Any, TextIO
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from image_service.protocol.client import ApiClient
 from image_service.protocol.config import AmqpUrl, Namespace, options_parser, settings_from
 from image_service.protocol.names import Names
-from image_service.protocol.transport import ApiClient
 
 LIST_PARAMS = {"backupStorageUuids", "fields"}
 BOOL_PARAMS = {"system", "count", "replyWithCount", "forSystemVm"}

@@ -28,8 +28,8 @@ from aiohttp import web
 from image_service.api import APIS
 from image_service.outbox import encode
 from image_service.pipeline import Ctx, Pipeline, Transactions, parse_envelope
+from image_service.protocol.client import ApiClient
 from image_service.protocol.names import Names
-from image_service.protocol.transport import ApiClient
 from image_service.store import Store
 from image_service.store.migrations import available_migrations, migrate
 

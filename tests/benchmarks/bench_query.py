@@ -41,8 +41,9 @@ import aio_pika  # noqa: E402
 import asyncpg  # noqa: E402
 
 from image_service.params import Query  # noqa: E402
+from image_service.protocol.client import ApiClient  # noqa: E402
 from image_service.protocol.names import Names  # noqa: E402
-from image_service.protocol.transport import ApiClient, Bus  # noqa: E402
+from image_service.protocol.transport import Bus  # noqa: E402
 from image_service.query import IMAGE, compile_query  # noqa: E402
 from tests.benchmarks.harness import (  # noqa: E402
     bounded,

@@ -15,8 +15,8 @@ from typing import Any, TypeVar
 
 import aio_pika
 
+from image_service.protocol.client import ApiClient
 from image_service.protocol.names import Names
-from image_service.protocol.transport import ApiClient
 from tests.conftest import (
     AMQP_URL,
     PG_URL,

@@ -1,0 +1,165 @@
+"""What the agent does for each command: download, create (flatten a volume), delete.
+
+Each returns the op's result or raises `OpFailure` with a contract error code. Files are
+written under `.agent/partial/` and moved into `templates/` only once complete, checked and
+inspected; downloads and creations share `--max-downloads` slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from backup_agent.config import AgentSettings
+from backup_agent.conversion import flatten, hash_file, materialize, remove_tree
+from backup_agent.fetchers import OpFailure
+from backup_agent.inspection import inspect_image
+from backup_agent.layout import Layout, PathRejected, fsync_dir
+from backup_agent.transfer import Progress, receive
+from image_service.protocol.agent import (
+    AgentCommand,
+    AgentResult,
+    CreateCommand,
+    DeleteCommand,
+    DownloadCommand,
+    StoredFile,
+)
+from image_service.protocol.errors import ErrorCode
+
+log = logging.getLogger(__name__)
+
+ReportProgress = Callable[[str, int, int | None], Awaitable[None]]
+
+
+class Work:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        layout: Layout,
+        backup_storage_uuid: str,
+        running: dict[str, asyncio.Task[None]],
+        report_progress: ReportProgress,
+    ) -> None:
+        self.settings = settings
+        self.layout = layout
+        self.uuid = backup_storage_uuid
+        # The agent's running ops, by op id: a delete cancels those it names.
+        self.running = running
+        self._report_progress = report_progress
+        self._downloads = asyncio.Semaphore(settings.max_downloads)
+
+    async def run(self, command: AgentCommand) -> AgentResult:
+        if isinstance(command, DownloadCommand):
+            return await self._download(command)
+        if isinstance(command, CreateCommand):
+            return await self._create(command)
+        return await self._delete(command)
+
+    def _target(self, command: DownloadCommand | CreateCommand) -> Path:
+        try:
+            return self.layout.resolve_install_path(command.installPath)
+        except PathRejected as exc:
+            raise OpFailure(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
+
+    def _reporter(self, command: AgentCommand) -> Progress:
+        async def progress(done: int, total: int | None) -> None:
+            await self._report_progress(command.imageUuid, done, total)
+
+        return progress
+
+    async def _store(
+        self,
+        command: DownloadCommand | CreateCommand,
+        partial: Path,
+        final: Path,
+        size: int,
+        md5: str,
+    ) -> AgentResult:
+        """Inspect a finished partial file and move it into place; the op's result."""
+        facts = await inspect_image(partial, command.format)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(partial, final)
+        fsync_dir(final.parent)
+        stored = StoredFile(
+            installPath=str(final),
+            size=size,
+            actualSize=facts.actual_size,
+            virtualSize=facts.virtual_size,
+            md5Sum=md5,
+            format=command.format,
+        )
+        return AgentResult.stored_as(command, self.uuid, stored)
+
+    async def _download(self, command: DownloadCommand) -> AgentResult:
+        final = self._target(command)
+        async with self._downloads:
+            capacity = await asyncio.to_thread(self.layout.capacity, self.settings.capacity)
+            partial = self.layout.partial_path(command.opId)
+            received = await receive(
+                command.url,
+                partial,
+                self.settings.fetch,
+                available=capacity.available,
+                progress=self._reporter(command),
+            )
+            try:
+                expected = command.md5Sum
+                if expected and expected != received.md5:
+                    raise OpFailure(
+                        ErrorCode.CHECKSUM_MISMATCH, f"expected md5 {expected}, got {received.md5}"
+                    )
+                return await self._store(command, partial, final, received.size, received.md5)
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
+
+    async def _create(self, command: CreateCommand) -> AgentResult:
+        final = self._target(command)
+        async with self._downloads:
+            capacity = await asyncio.to_thread(self.layout.capacity, self.settings.capacity)
+            partial = self.layout.partial_path(command.opId)
+            workdir = partial.with_name(f"{partial.name}.chain")
+            try:
+                source = await materialize(
+                    command.source,
+                    command.sourceFormat,
+                    workdir,
+                    volume_roots=self.settings.volume_roots,
+                    settings=self.settings.fetch,
+                    available=capacity.available,
+                    progress=self._reporter(command),
+                )
+                await flatten(source, command.sourceFormat, partial, command.format)
+                hashed = await hash_file(partial)
+                if hashed.size > capacity.available:
+                    raise OpFailure(
+                        ErrorCode.CAPACITY_EXCEEDED,
+                        f"the template has {hashed.size} bytes; {capacity.available} are available",
+                    )
+                return await self._store(command, partial, final, hashed.size, hashed.md5)
+            except BaseException:
+                partial.unlink(missing_ok=True)
+                raise
+            finally:
+                remove_tree(workdir)
+
+    async def _delete(self, command: DeleteCommand) -> AgentResult:
+        for cancel_id in command.cancelOpIds:
+            task = self.running.get(cancel_id)
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+            self.layout.partial_path(cancel_id).unlink(missing_ok=True)
+        try:
+            path = self.layout.resolve_install_path(command.installPath)
+        except PathRejected as exc:
+            log.error("delete of %s refused: %s", command.installPath, exc)
+        else:
+            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()  # only when empty
+        return AgentResult.done(command, self.uuid)
