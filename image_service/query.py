@@ -10,11 +10,19 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any
 
 from image_service.errors import ApiError, ErrorCode
-from image_service.params import Condition, Query
+from image_service.lifecycle import (
+    BACKUP_STORAGE_STATE,
+    BACKUP_STORAGE_STATUS,
+    IMAGE_STATE,
+    IMAGE_STATUS,
+    REF_STATUS,
+    Machine,
+)
+from image_service.params import Condition, ImageFormat, MediaType, Platform, Query
 
 
 class Kind(Enum):
@@ -68,6 +76,15 @@ def _c(sql: str, kind: Kind, *choices: str, pg_enum: str | None = None) -> Colum
     return Column(sql, kind, choices, pg_enum)
 
 
+def _state(sql: str, machine: Machine[Any]) -> Column:
+    """A column holding the states of one of lifecycle's machines, in its ENUM type."""
+    return Column(sql, Kind.ENUM, tuple(s.value for s in machine.states), machine.db_type)
+
+
+def _choice(sql: str, enum: type[StrEnum]) -> Column:
+    return Column(sql, Kind.ENUM, tuple(e.value for e in enum), None)
+
+
 BACKUP_STORAGE = Entity(
     table="backup_storage",
     columns={
@@ -77,10 +94,8 @@ BACKUP_STORAGE = Entity(
         "url": _c("url", Kind.TEXT),
         "hostname": _c("hostname", Kind.TEXT),
         "type": _c("type", Kind.TEXT),
-        "state": _c("state", Kind.ENUM, "Enabled", "Disabled", pg_enum="bs_state"),
-        "status": _c(
-            "status", Kind.ENUM, "Connecting", "Connected", "Disconnected", pg_enum="bs_status"
-        ),
+        "state": _state("state", BACKUP_STORAGE_STATE),
+        "status": _state("status", BACKUP_STORAGE_STATUS),
         "totalCapacity": _c("total_capacity", Kind.INT),
         "availableCapacity": _c("available_capacity", Kind.INT),
         "createDate": _c("create_date", Kind.DATE),
@@ -94,9 +109,7 @@ BACKUP_STORAGE_REF = Entity(
         "imageUuid": _c("image_uuid", Kind.UUID),
         "backupStorageUuid": _c("backup_storage_uuid", Kind.UUID),
         "installPath": _c("install_path", Kind.TEXT),
-        "status": _c(
-            "status", Kind.ENUM, "Creating", "Downloading", "Ready", pg_enum="image_status"
-        ),
+        "status": _state("status", REF_STATUS),
         "createDate": _c("create_date", Kind.DATE),
         "lastOpDate": _c("last_op_date", Kind.DATE),
     },
@@ -126,19 +139,17 @@ IMAGE = Entity(
         "uuid": _c("uuid", Kind.UUID),
         "name": _c("name", Kind.TEXT),
         "description": _c("description", Kind.TEXT),
-        "state": _c("state", Kind.ENUM, "Enabled", "Disabled", pg_enum="image_state"),
-        "status": _c(
-            "status", Kind.ENUM, "Creating", "Downloading", "Ready", pg_enum="image_status"
-        ),
+        "state": _state("state", IMAGE_STATE),
+        "status": _state("status", IMAGE_STATUS),
         "size": _c("size", Kind.INT),
         "actualSize": _c("actual_size", Kind.INT),
         "virtualSize": _c("virtual_size", Kind.INT),
         "url": _c("url", Kind.TEXT),
-        "mediaType": _c("media_type", Kind.ENUM, "RootVolumeTemplate", "DataVolumeTemplate", "ISO"),
+        "mediaType": _choice("media_type", MediaType),
         "guestOsType": _c("guest_os_type", Kind.TEXT),
-        "platform": _c("platform", Kind.ENUM, "Linux", "Windows", "Paravirtualization", "Other"),
+        "platform": _choice("platform", Platform),
         "system": _c("system", Kind.BOOL),
-        "format": _c("format", Kind.ENUM, "qcow2", "raw", "iso"),
+        "format": _choice("format", ImageFormat),
         "md5Sum": _c("md5_sum", Kind.TEXT),
         "type": _c("type", Kind.TEXT),
         "createDate": _c("create_date", Kind.DATE),
