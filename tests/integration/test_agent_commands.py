@@ -1,0 +1,84 @@
+"""Hostile commands on an agent's queue: each is validated with the protocol's model, dropped
+with a log line that names what is wrong, and changes nothing on disk; the agent goes on."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import aio_pika
+
+from tests.conftest import AMQP_URL, Stack, wait_for
+
+
+async def publish(routing_key: str, body: bytes) -> None:
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.default_exchange.publish(
+            aio_pika.Message(body, message_id=uuid.uuid4().hex), routing_key=routing_key, timeout=10
+        )
+
+
+def snapshot(root: Path) -> list[str]:
+    """Every path under the agent's root but its identity: templates, partials, journal."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.name != "identity.json")
+
+
+async def test_invalid_commands_are_dropped_with_a_reason_and_change_nothing(stack: Stack) -> None:
+    agent = await stack.start_agent("bs1")
+    url, _ = stack.http.add("bait.raw", os.urandom(64 * 1024))
+    before = snapshot(agent.root)
+    op = str(uuid.uuid4())
+    base = {
+        "command": "download",
+        "opId": op,
+        "imageUuid": uuid.uuid4().hex,
+        "backupStorageUuid": agent.uuid,
+        "url": url,
+        "format": "raw",
+        "installPath": f"{agent.root}/templates/x/x.template",
+    }
+    invalid = {
+        b"not json": "Invalid JSON",
+        b"[1, 2]": "Input should be an object",
+        json.dumps(
+            {**base, "command": "format-disk"}
+        ).encode(): "'format-disk' found using 'command'",
+        json.dumps(
+            {**base, "opId": "../../../etc/passwd"}
+        ).encode(): "download.opId: must be a UUID",
+        json.dumps({**base, "format": "vmdk"}).encode(): "download.format: Input should be",
+        json.dumps({**base, "md5Sum": 12345}).encode(): "download.md5Sum: Input should be",
+        json.dumps(
+            {**base, "installPath": "/x\u0000y"}
+        ).encode(): "installPath: must not contain NUL",
+        json.dumps({k: v for k, v in base.items() if k != "url"}).encode(): "url: Field required",
+        json.dumps({**base, "command": "delete", "cancelOpIds": ["nope"]}).encode(): (
+            "delete.cancelOpIds.0: must be a UUID"
+        ),
+    }
+    queue = stack.names.agent(agent.uuid)
+    for body in invalid:
+        await publish(queue, body)
+    # Valid, but for another backup storage: not this agent's to run.
+    other = {**base, "opId": str(uuid.uuid4()), "backupStorageUuid": uuid.uuid4().hex}
+    await publish(queue, json.dumps(other).encode())
+
+    async def all_logged() -> bool:
+        log = agent.proc.log()
+        return log.count("invalid command dropped") == len(invalid) and "dropped: this is" in log
+
+    await wait_for(all_logged, timeout=20)
+    log = agent.proc.log()
+    for reason in invalid.values():
+        assert reason in log, reason
+    assert snapshot(agent.root) == before
+    assert stack.http.hits.get("bait.raw", 0) == 0
+    assert agent.proc.running and "Traceback" not in log
+
+    reply = await stack.add_image(url, [agent], name="after")
+    assert reply["success"], reply
+    assert stack.http.hits["bait.raw"] == 1
