@@ -69,7 +69,8 @@ class ImageService:
         prefetch = settings.prefetch
         await self.bus.consume(self.names.heartbeats, agents.on_heartbeat, prefetch=prefetch)
         await self.bus.consume(self.names.results, agents.on_result, prefetch=prefetch)
-        await self.bus.consume(self.names.volume_events, volumes.on_event, prefetch=prefetch)
+        # One at a time: two updates of one volume must be applied in the order they came.
+        await self.bus.consume(self.names.volume_events, volumes.on_event, prefetch=1)
         # The API queue last: a request is served once everything it needs is in place.
         await self.bus.consume(self.names.api, pipeline.on_api, prefetch=prefetch)
         transactions.heard_since = time.monotonic()

@@ -8,18 +8,8 @@ import os
 import uuid
 from pathlib import Path
 
-import aio_pika
-
-from tests.conftest import AMQP_URL, Stack, wait_for
-
-
-async def publish(routing_key: str, body: bytes) -> None:
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        channel = await connection.channel(publisher_confirms=True)
-        await channel.default_exchange.publish(
-            aio_pika.Message(body, message_id=uuid.uuid4().hex), routing_key=routing_key, timeout=10
-        )
+from tests.conftest import Stack
+from tests.helpers import publish, wait_for
 
 
 def snapshot(root: Path) -> list[str]:
@@ -62,10 +52,10 @@ async def test_invalid_commands_are_dropped_with_a_reason_and_change_nothing(sta
     }
     queue = stack.names.agent(agent.uuid)
     for body in invalid:
-        await publish(queue, body)
+        await publish(queue, body, message_id=uuid.uuid4().hex)
     # Valid, but for another backup storage: not this agent's to run.
     other = {**base, "opId": str(uuid.uuid4()), "backupStorageUuid": uuid.uuid4().hex}
-    await publish(queue, json.dumps(other).encode())
+    await publish(queue, json.dumps(other).encode(), message_id=uuid.uuid4().hex)
 
     async def all_logged() -> bool:
         log = agent.proc.log()

@@ -9,7 +9,8 @@ import os
 import uuid
 from typing import Any
 
-from tests.conftest import Agent, Stack, wait_for
+from tests.conftest import Stack, wait_for
+from tests.helpers import add_ready, assert_serving, error_of, image_count, query_image
 
 # --- helpers ------------------------------------------------------------------------------
 
@@ -31,39 +32,6 @@ async def raw_call(
         correlation_id=correlation_id,
     )
     return await asyncio.wait_for(future, timeout)
-
-
-async def assert_serving(stack: Stack) -> None:
-    reply = await stack.call("QueryImage", {"conditions": [], "count": True}, timeout=15)
-    assert reply["success"] is True, reply
-    assert stack.services[0].running, stack.services[0].log()[-3000:]
-
-
-def error_of(reply: dict[str, Any]) -> dict[str, Any]:
-    assert reply.get("success") is False, reply
-    error: dict[str, Any] = reply["error"]
-    assert {"code", "description", "details", "causes"} <= set(error), error
-    return error
-
-
-async def image_count(stack: Stack) -> int:
-    return int(await stack.db.fetchval("SELECT count(*) FROM image"))
-
-
-async def ready_image(stack: Stack, agent: Agent, name: str = "img") -> dict[str, Any]:
-    url, _ = stack.http.add(f"{name}.raw", os.urandom(64 * 1024))
-    reply = await stack.add_image(url, [agent], name=name)
-    assert reply["success"], reply
-    inventory: dict[str, Any] = reply["inventory"]
-    return inventory
-
-
-async def query_image(stack: Stack, image_uuid: str) -> dict[str, Any] | None:
-    reply = await stack.call(
-        "QueryImage", {"conditions": [{"name": "uuid", "op": "=", "value": image_uuid}]}
-    )
-    assert reply["success"], reply
-    return reply["inventories"][0] if reply["inventories"] else None
 
 
 # --- the envelope -----------------------------------------------------------------------
@@ -244,7 +212,7 @@ async def test_missing_image_is_not_found(stack: Stack) -> None:
 
 async def test_other_invalid_arguments(stack: Stack) -> None:
     bs = await stack.start_agent("bs1")
-    image = await ready_image(stack, bs)
+    image = await add_ready(stack, [bs])
     cases: list[tuple[str, dict[str, Any], str]] = [
         ("ChangeImageState", {"uuid": image["uuid"], "stateEvent": "toggle"}, "stateEvent"),
         ("ChangeImageState", {"uuid": image["uuid"]}, "stateEvent"),
@@ -285,7 +253,7 @@ async def test_other_invalid_arguments(stack: Stack) -> None:
 
 async def test_message_without_reply_to_is_executed(stack: Stack) -> None:
     bs = await stack.start_agent("bs1")
-    image = await ready_image(stack, bs)
+    image = await add_ready(stack, [bs])
     body = {"api": "ChangeImageState", "params": {"uuid": image["uuid"], "stateEvent": "disable"}}
     await stack.client.publish_raw(
         json.dumps(body).encode(), message_id=uuid.uuid4().hex, reply_to=None
@@ -335,7 +303,14 @@ async def test_duplicate_sent_while_running_gets_the_same_reply(stack: Stack) ->
     ).encode()
     message_id = uuid.uuid4().hex
     first = asyncio.create_task(raw_call(stack, body, message_id=message_id, timeout=30))
-    await asyncio.sleep(0.5)
+
+    async def running() -> bool:
+        status: str | None = await stack.db.fetchval(
+            "SELECT status::text FROM image WHERE name = 'dup'"
+        )
+        return status == "Downloading"
+
+    await wait_for(running, timeout=15, interval=0.05)
     assert not first.done()
     second = await raw_call(
         stack, body, message_id=message_id, correlation_id=f"again-{message_id}", timeout=30

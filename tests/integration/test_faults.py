@@ -4,6 +4,8 @@ garbage on the service's internal queues.
 
 Replies are received on a reply queue of the test's own (`Replies`) that records every
 message, so that a second reply to one correlation id is seen rather than silently dropped.
+No test sleeps: each waits for the condition it then checks, or (to show that something does
+not happen) for a positive marker that the system has moved on past it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -23,15 +24,26 @@ import pytest
 import pytest_asyncio
 from aio_pika.abc import AbstractConnection, AbstractIncomingMessage, AbstractQueue
 
-from image_service.protocol.transport import ApiClient
-from tests.conftest import AMQP_URL, Agent, Stack, wait_for
+from image_service.protocol.client import ApiClient
+from tests.conftest import AMQP_URL, Agent, EventRecorder, Stack, wait_for
+from tests.helpers import (
+    assert_serving,
+    heartbeats_handled,
+    install_path,
+    md5_of,
+    outbox_empty,
+    pending_ops,
+    publish,
+    queue_counts,
+    wait_disconnected,
+    wait_no_files,
+    wait_no_pending_ops,
+)
 
 MIB = 1 << 20
 # A download of this many bytes at this rate takes ~4 s: long enough to break things mid-way.
 SLOW_SIZE = 8 * MIB
 SLOW_RATE = 2_000_000
-# How long the tests listen for a second reply to one correlation id.
-QUIET = 2.0
 
 
 # --- helpers -----------------------------------------------------------------------------
@@ -88,9 +100,21 @@ class Replies:
     async def call(self, api: str, params: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
         return await self.reply(await self.send(api, params), timeout)
 
+    async def settled(self) -> None:
+        """Until every reply the service has decided so far has reached this queue. Once the
+        outbox is empty the relay has published what was committed (in order, confirmed); a
+        marker call answered through the outbox after that (an error reply of a write API,
+        like the calls under test) is queued behind all of them, and behind the replies to any
+        message the broker redelivered before it."""
+        await wait_for(lambda: outbox_empty(self.stack), timeout=30)
+        marker = await self.call(
+            "ChangeImageState", {"uuid": uuid.uuid4().hex, "stateEvent": "disable"}
+        )
+        assert marker["error"]["code"] == "RESOURCE_NOT_FOUND", marker
+
     async def assert_each_once(self, correlation_ids: list[str]) -> None:
-        """Listen for `QUIET` seconds more, then every id must have exactly one reply."""
-        await asyncio.sleep(QUIET)
+        """Every id has exactly one reply, counted once every reply is in (`settled`)."""
+        await self.settled()
         counts = {cid: len(self.of(cid)) for cid in correlation_ids}
         assert all(n == 1 for n in counts.values()), {c: n for c, n in counts.items() if n != 1}
 
@@ -122,14 +146,6 @@ def slow_url(stack: Stack, name: str, data: bytes, rate: int = SLOW_RATE) -> str
     return stack.http.url(f"slow/{name}?rate={rate}")
 
 
-def md5_of(path: str | Path) -> str:
-    return hashlib.md5(Path(path).read_bytes()).hexdigest()
-
-
-def install_path(agent: Agent, image_uuid: str, name: str) -> Path:
-    return agent.root / "templates" / image_uuid / f"{name}.template"
-
-
 async def image_status(stack: Stack, image_uuid: str) -> str | None:
     row = await stack.image_row(image_uuid)
     return None if row is None else str(row["status"])
@@ -148,17 +164,6 @@ async def wait_downloading(stack: Stack, agent: Agent, image_uuid: str) -> None:
     await wait_for(started, timeout=10, interval=0.05)
 
 
-async def pending_ops(stack: Stack) -> int:
-    return int(await stack.db.fetchval("SELECT count(*) FROM op WHERE status = 'Pending'"))
-
-
-async def wait_no_pending_ops(stack: Stack, timeout: float = 15) -> None:
-    async def none_pending() -> bool:
-        return await pending_ops(stack) == 0
-
-    await wait_for(none_pending, timeout)
-
-
 async def refs(stack: Stack, image_uuid: str) -> list[tuple[str, str, str]]:
     rows = await stack.db.fetch(
         "SELECT backup_storage_uuid, status::text, install_path FROM image_backup_storage_ref"
@@ -168,38 +173,11 @@ async def refs(stack: Stack, image_uuid: str) -> list[tuple[str, str, str]]:
     return [(r["backup_storage_uuid"], r["status"], r["install_path"]) for r in rows]
 
 
-async def queue_counts(name: str) -> tuple[int, int]:
-    """(message_count, consumer_count) of a queue, from a passive declare."""
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(name, passive=True)
-        result = queue.declaration_result
-        return int(result.message_count or 0), int(result.consumer_count or 0)
-
-
-async def publish(stack: Stack, routing_key: str, body: bytes, **properties: Any) -> None:
-    """Publish straight to the default exchange, bypassing the service's own clients."""
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        channel = await connection.channel(publisher_confirms=True)
-        await channel.default_exchange.publish(
-            aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, **properties),
-            routing_key=routing_key,
-            timeout=10,
-        )
-
-
 async def assert_consumers_attached(stack: Stack, replicas: int = 1) -> None:
     names = stack.names
     for queue in (names.api, names.results, names.heartbeats):
         _, consumers = await queue_counts(queue)
         assert consumers >= replicas, f"{queue} has {consumers} consumers"
-
-
-async def assert_serving(stack: Stack) -> None:
-    reply = await stack.call("QueryImage", {"conditions": [], "count": True}, timeout=15)
-    assert reply["success"], reply
 
 
 def assert_ready_reply(
@@ -242,22 +220,29 @@ async def test_service_killed_during_download_replies_to_original_caller(
     md5 = hashlib.md5(data).hexdigest()
     image_uuid = uuid.uuid4().hex
     url = slow_url(stack, "big.raw", data)
+    progress = EventRecorder()  # the agent reports progress straight to NS.events, once a second
+    await stack.client.subscribe([f"image.progress.{image_uuid}"], progress)
     message_id = await replies.send(
         "AddImage", add_image_params(url, [agent], "big", resourceUuid=image_uuid)
     )
     await wait_downloading(stack, agent, image_uuid)
 
     stack.services[0].kill()
+    reports_before = len(progress.events)
     final = install_path(agent, image_uuid, "big")
     if restart == "after_download":
+        # The agent stores the file, then publishes its result: it waits in the durable queue.
+        async def result_queued() -> bool:
+            return final.exists() and (await queue_counts(stack.names.results))[0] >= 1
 
-        async def stored() -> bool:
-            return final.exists()
-
-        await wait_for(stored, timeout=15)
-        await asyncio.sleep(1.0)
+        await wait_for(result_queued, timeout=15)
     else:
-        await asyncio.sleep(2.0)
+        # Away for longer than three heartbeat intervals (1.5 s): three more progress reports,
+        # at least a second apart, span two seconds of the agent's download.
+        async def reported_three_times() -> bool:
+            return len(progress.events) >= reports_before + 3
+
+        await wait_for(reported_three_times, timeout=10)
         assert not final.exists(), "the download should still be running"
     assert replies.of(message_id) == []
 
@@ -303,11 +288,7 @@ async def test_agent_killed_and_restarted_during_download_is_consistent(
         assert [c["backupStorageUuid"] for c in error["causes"]] == [agent.uuid], reply
         assert await stack.image_row(image_uuid) is None
         assert await refs(stack, image_uuid) == []
-
-        async def no_files() -> bool:
-            return agent.files() == []
-
-        await wait_for(no_files, timeout=15)
+        await wait_no_files(agent, timeout=15)
     await wait_no_pending_ops(stack)
     await replies.assert_each_once([message_id])
     # Whatever happened, the outcome is final: nothing changes afterwards.
@@ -335,10 +316,7 @@ async def test_agent_killed_for_good_fails_the_download_and_cleans_up_on_return(
     killed_at = time.monotonic()
     assert agent.files(), "the partial download should be on disk"
 
-    async def disconnected() -> Any:
-        return await stack.bs_status(agent.uuid, "Disconnected")
-
-    await wait_for(disconnected, timeout=6, interval=0.1)
+    await wait_disconnected(stack, agent, timeout=6)
     assert time.monotonic() - killed_at < 5
     reply = await replies.reply(message_id, timeout=5)
     assert not reply["success"], reply
@@ -351,11 +329,7 @@ async def test_agent_killed_for_good_fails_the_download_and_cleans_up_on_return(
 
     stack.restart(agent.proc)
     await stack.wait_connected(agent)
-
-    async def no_files() -> bool:
-        return agent.files() == []
-
-    await wait_for(no_files, timeout=15)
+    await wait_no_files(agent, timeout=15)
     await wait_no_pending_ops(stack)
     await replies.assert_each_once([message_id])
     assert await stack.image_row(image_uuid) is None
@@ -443,10 +417,7 @@ async def test_two_replicas_concurrent_adds_and_changes_keep_invariants(
     assert await pending_ops(stack) == 0
     assert len(bs1.files()) == len(bs2.files()) == 20
 
-    async def outbox_empty() -> bool:
-        return await stack.db.fetchval("SELECT count(*) FROM outbox") == 0
-
-    await wait_for(outbox_empty, timeout=10)
+    await wait_for(lambda: outbox_empty(stack), timeout=10)
     assert all(proc.running for proc in stack.services)
     await assert_consumers_attached(stack, replicas=2)
 
@@ -547,7 +518,6 @@ async def test_resent_download_command_is_not_run_again(stack: Stack) -> None:
     body = command.encode() if isinstance(command, str) else json.dumps(command).encode()
     op_id = str(row["op_id"])
     await publish(
-        stack,
         stack.names.agent(agent.uuid),
         body,
         message_id=op_id,
@@ -559,7 +529,8 @@ async def test_resent_download_command_is_not_run_again(stack: Stack) -> None:
         return f"stale result for op {op_id}" in stack.services[0].log()
 
     await wait_for(answered, timeout=10)
-    await asyncio.sleep(1.0)
+    # Nothing more comes of it: let the agent and the service go on for a few heartbeats.
+    await heartbeats_handled(stack, agent, 2)
     assert stack.http.hits["small.raw"] == hits
     assert await image_status(stack, image_uuid) == "Ready"
     assert await refs(stack, image_uuid) == before
@@ -602,17 +573,19 @@ async def test_malformed_results_and_heartbeats_are_dropped(stack: Stack) -> Non
         ).encode(),
     ]
     for body in garbage:
-        await publish(stack, names.results, body, message_id=uuid.uuid4().hex)
+        await publish(names.results, body, message_id=uuid.uuid4().hex)
     for body in bad_beats:
-        await publish(stack, names.heartbeats, body)
+        await publish(names.heartbeats, body)
 
-    async def drained() -> bool:
-        return (await queue_counts(names.results))[0] == 0 and (
-            await queue_counts(names.heartbeats)
-        )[0] == 0
+    # Each one is logged as dropped once handled (or, were it retried, as requeued).
+    async def handled() -> bool:
+        lines = stack.services[0].log().splitlines()
+        results = sum("result" in line and "dropped" in line for line in lines)
+        beats = sum("malformed heartbeat dropped" in line for line in lines)
+        requeued = any("requeueing" in line for line in lines)
+        return requeued or (results >= len(garbage) and beats >= len(bad_beats))
 
-    await wait_for(drained, timeout=10)
-    await asyncio.sleep(1.0)
+    await wait_for(handled, timeout=10)
     # Dropped, not retried until dead-lettered, and the real agent is still Connected.
     assert (await queue_counts(names.dead_letters))[0] == 0
     assert "requeueing" not in stack.services[0].log()
@@ -645,8 +618,8 @@ async def test_consumers_stay_attached_after_bad_messages_and_a_crash(
     await stack.client.publish_raw(
         b"garbage", message_id=None, reply_to=replies.name, correlation_id="no-message-id"
     )
-    await publish(stack, names.results, b"garbage")
-    await publish(stack, names.heartbeats, b"garbage")
+    await publish(names.results, b"garbage")
+    await publish(names.heartbeats, b"garbage")
     for message_id in bad_ids:
         reply = await replies.reply(message_id, timeout=10)
         assert not reply["success"], reply

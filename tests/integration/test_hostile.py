@@ -7,6 +7,7 @@ import json
 import uuid
 
 from tests.conftest import Stack, wait_for
+from tests.helpers import outbox_empty
 
 FORGED_REPLY_TO = "amq.rabbitmq.reply-to.g1h2AA5yZXBseUAxMjM0NTY3ODkwAAAAAAAAAAA=.abc"
 
@@ -23,11 +24,7 @@ async def test_forged_direct_reply_to_does_not_wedge_the_service(stack: Stack) -
     reply = await stack.call("QueryImage", {"conditions": []}, timeout=30)
     assert reply["success"], reply
     assert stack.services[0].running
-
-    async def outbox_empty() -> bool:
-        return await stack.db.fetchval("SELECT count(*) FROM outbox") == 0
-
-    await wait_for(outbox_empty, timeout=30)
+    await wait_for(lambda: outbox_empty(stack), timeout=30)
     reply = await stack.call("QueryBackupStorage", {"conditions": []}, timeout=10)
     assert reply["success"], reply
 

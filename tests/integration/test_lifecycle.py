@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import os
 import re
-import socket
 import subprocess
 import time
 import uuid
@@ -18,6 +16,21 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import Agent, EventRecorder, Stack, wait_for
+from tests.helpers import (
+    BARRIER_BINDING,
+    add_ready,
+    closed_port,
+    error_of,
+    events_delivered,
+    heartbeats_handled,
+    image_count,
+    md5_of,
+    pending_ops,
+    qemu_info,
+    query_image,
+    wait_disconnected,
+    wait_no_files,
+)
 
 IMAGE_FIELDS = {
     "uuid",
@@ -51,15 +64,6 @@ def iso_bytes(size: int = 64 * 1024) -> bytes:
     """A minimal ISO 9660 look-alike: 'CD001' at offset 0x8001."""
     data = bytes(0x8001) + b"CD001"
     return data + bytes(size - len(data))
-
-
-def qemu_virtual_size(path: Path, fmt: str) -> int:
-    out = subprocess.run(
-        ["qemu-img", "info", "-f", fmt, "--output=json", str(path)],
-        check=True,
-        capture_output=True,
-    ).stdout
-    return int(json.loads(out)["virtual-size"])
 
 
 class StallingServer:
@@ -104,13 +108,6 @@ class StallingServer:
         await self._server.wait_closed()
 
 
-def closed_port_url() -> str:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/files/nothing.img"
-
-
 def parse_date(value: str) -> datetime:
     parsed = datetime.fromisoformat(value)
     assert parsed.utcoffset() is not None and parsed.utcoffset().total_seconds() == 0, value
@@ -123,44 +120,6 @@ async def query_images(stack: Stack, **equals: Any) -> list[dict[str, Any]]:
     assert reply["success"], reply
     inventories: list[dict[str, Any]] = reply["inventories"]
     return inventories
-
-
-async def query_image(stack: Stack, image_uuid: str) -> dict[str, Any] | None:
-    found = await query_images(stack, uuid=image_uuid)
-    return found[0] if found else None
-
-
-async def image_count(stack: Stack) -> int:
-    return int(await stack.db.fetchval("SELECT count(*) FROM image"))
-
-
-def error_of(reply: dict[str, Any]) -> dict[str, Any]:
-    assert reply["success"] is False, reply
-    error: dict[str, Any] = reply["error"]
-    return error
-
-
-async def wait_disconnected(stack: Stack, agent: Agent) -> dict[str, Any]:
-    result: dict[str, Any] = await wait_for(
-        lambda: stack.bs_status(agent.uuid, "Disconnected"), timeout=15
-    )
-    return result
-
-
-async def wait_no_files(*agents: Agent, timeout: float = 10) -> None:
-    async def empty() -> bool:
-        return all(a.files() == [] for a in agents)
-
-    await wait_for(empty, timeout=timeout)
-
-
-async def add_ready(stack: Stack, agents: list[Agent], name: str = "img", **params: Any):
-    url, _ = stack.http.add(f"{name}.raw", os.urandom(128 * 1024))
-    reply = await stack.add_image(url, agents, name=name, **params)
-    assert reply["success"], reply
-    inventory: dict[str, Any] = reply["inventory"]
-    assert inventory["status"] == "Ready"
-    return inventory
 
 
 # --- AddImage ----------------------------------------------------------------------------
@@ -189,7 +148,8 @@ async def test_add_image_defaults_and_full_inventory(stack: Stack) -> None:
     assert (inv["state"], inv["status"], inv["format"]) == ("Enabled", "Ready", "raw")
     assert inv["md5Sum"] == md5 == hashlib.md5(data).hexdigest()
     assert inv["size"] == len(data)
-    assert inv["virtualSize"] == qemu_virtual_size(stack.http.directory / "disk.raw", "raw")
+    virtual_size = qemu_info(stack.http.directory / "disk.raw", "raw")["virtual-size"]
+    assert inv["virtualSize"] == virtual_size
     assert isinstance(inv["actualSize"], int) and inv["actualSize"] > 0
     assert parse_date(inv["createDate"]) <= parse_date(inv["lastOpDate"])
 
@@ -231,7 +191,7 @@ async def test_resource_uuid_honoured_and_duplicate_refused(stack: Stack) -> Non
     assert await query_image(stack, wanted) == before
     assert await image_count(stack) == 1
     assert len(bs.files()) == 1
-    assert hashlib.md5(bs.files()[0].read_bytes()).hexdigest() == md5
+    assert md5_of(bs.files()[0]) == md5
 
 
 async def test_partial_success_lists_only_successful_backup_storage(stack: Stack) -> None:
@@ -414,7 +374,7 @@ async def test_stalled_server_is_download_failed(stack: Stack) -> None:
 
 async def test_connection_refused_is_download_failed(stack: Stack) -> None:
     bs = await stack.start_agent("bs1")
-    await _assert_download_failed(stack, bs, closed_port_url())
+    await _assert_download_failed(stack, bs, f"http://127.0.0.1:{closed_port()}/files/nothing.img")
 
 
 async def test_disabled_and_disconnected_backup_storages_are_skipped(stack: Stack) -> None:
@@ -575,6 +535,9 @@ async def test_permissive_delete_of_downloading_image_is_refused(stack: Stack) -
 async def test_enforcing_delete_cancels_download(stack: Stack) -> None:
     bs = await stack.start_agent("bs1")
     task, inv = await _start_slow_add(stack, bs, 8 * 2**20, 2**20)
+    op_id = await stack.db.fetchval(
+        "SELECT op_id FROM op WHERE image_uuid = $1 AND kind = 'download'", inv["uuid"]
+    )
     reply = await stack.call("DeleteImage", {"uuid": inv["uuid"], "deleteMode": "Enforcing"})
     assert reply["success"], reply
     added = await asyncio.wait_for(task, 15)
@@ -582,8 +545,15 @@ async def test_enforcing_delete_cancels_download(stack: Stack) -> None:
     assert await query_image(stack, inv["uuid"]) is None
     assert await stack.image_row(inv["uuid"]) is None
     await wait_no_files(bs, timeout=10)
-    # And it stays that way: the cancelled download does not come back.
-    await asyncio.sleep(1.5)
+
+    # And it stays that way: the cancelled download does not come back. The agent's download
+    # ends with a result the service no longer wants; once that has arrived, and whatever it
+    # led to is done, nothing of the download is left to run.
+    async def download_over() -> bool:
+        stale = f"stale result for op {op_id}" in stack.services[0].log()
+        return stale and bs.files() == [] and await pending_ops(stack) == 0
+
+    await wait_for(download_over, timeout=15)
     assert bs.files() == []
     assert await image_count(stack) == 0
 
@@ -732,16 +702,17 @@ async def _events(recorder: EventRecorder, key: str) -> list[dict[str, Any]]:
 
 async def test_backup_storage_status_events(stack: Stack, events_recorder) -> None:
     recorder: EventRecorder = events_recorder()
-    await stack.client.subscribe(["image.#", "backupStorage.#"], recorder)
+    await stack.client.subscribe(["image.#", "backupStorage.#", BARRIER_BINDING], recorder)
     bs = await stack.start_agent("bs1")
     key = f"backupStorage.status.{bs.uuid}"
     await wait_for(lambda: _events(recorder, key), 10)
-    await asyncio.sleep(1.5)  # a few steady heartbeats: no status change, no event
+    await heartbeats_handled(stack, bs, 3)  # a few steady heartbeats: no status change, no event
     bs.proc.kill()
     await wait_disconnected(stack, bs)
     stack.restart(bs.proc)
     await stack.wait_connected(bs)
-    await asyncio.sleep(1.5)
+    await heartbeats_handled(stack, bs, 3)  # steady again
+    await events_delivered(stack, recorder)  # every event they caused has reached the recorder
 
     found = recorder.of(key)
     transitions = [(e["oldStatus"], e["newStatus"]) for e in found]

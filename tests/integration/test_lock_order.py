@@ -9,20 +9,11 @@ import asyncio
 import json
 import uuid
 
-import aio_pika
-
-from tests.conftest import AMQP_URL, Stack, wait_for
+from tests.conftest import Stack
+from tests.helpers import queue_counts, wait_for
 
 IMAGES = 150
 DOWNLOADING = 30
-
-
-async def api_consumers(stack: Stack) -> int:
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        channel = await connection.channel()
-        queue = await channel.declare_queue(stack.names.api, passive=True)
-        return int(queue.declaration_result.consumer_count or 0)
 
 
 async def insert_backup_storage(stack: Stack, name: str) -> str:
@@ -104,4 +95,5 @@ async def test_two_replicas_delete_backup_storages_holding_the_same_images(stack
 
 
 async def _two(stack: Stack) -> bool:
-    return await api_consumers(stack) >= 2
+    _, consumers = await queue_counts(stack.names.api)
+    return consumers >= 2

@@ -1,10 +1,14 @@
 """The query language end to end (contract §5-7): QueryImage, QueryBackupStorage and QueryUserTag
-through the real broker, service and database: every operator on every field type, nested
-conditions, the volume read model kept from `volume.*` events, user tags, sorting and paging,
-errors, injection attempts, a property test against a plain-Python model, and the command line.
+on a real database: every operator on every field type, nested conditions, the volume read model
+kept from `volume.*` events, user tags, sorting and paging, errors, injection attempts, a property
+test against a plain-Python model, and the command line.
 
-Most tests insert rows straight into the service's database (many images, fast); one goes through
-AddImage with a real agent to check that queries see real images too.
+Most tests insert rows straight into the database (many images, fast). Those that only query
+them use the `pg` fixture: a freshly migrated database and the read-only APIs run in-process
+through the service's own envelope parsing, validation, handlers and reply shape, without broker
+or service processes. The tests that need the rest go through the whole deployment (`stack`):
+the volume events, user tags (CreateUserTag, DeleteTag), the injection attempts (which tag an
+image), AddImage with a real agent (queries see real images too), and the command line.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ import asyncpg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import AMQP_URL, Stack, wait_for
+from tests.conftest import AMQP_URL, PgStack, Stack, wait_for
+from tests.helpers import Service
 
 BASE = datetime(2024, 3, 1, 12, 0, 0, tzinfo=UTC)
 NO_VALUE = object()
@@ -139,32 +144,43 @@ def as_condition(item: tuple[Any, ...] | dict[str, Any]) -> dict[str, Any]:
 
 
 async def query(
-    stack: Stack, *conditions: tuple[Any, ...] | dict[str, Any], api: str = "QueryImage", **params
+    service: Service,
+    *conditions: tuple[Any, ...] | dict[str, Any],
+    api: str = "QueryImage",
+    **params,
 ) -> dict[str, Any]:
-    return await stack.call(api, {"conditions": [as_condition(c) for c in conditions], **params})
+    return await service.call(api, {"conditions": [as_condition(c) for c in conditions], **params})
 
 
 async def found(
-    stack: Stack, *conditions: tuple[Any, ...] | dict[str, Any], api: str = "QueryImage", **params
+    service: Service,
+    *conditions: tuple[Any, ...] | dict[str, Any],
+    api: str = "QueryImage",
+    **params,
 ) -> list[dict[str, Any]]:
-    reply = await query(stack, *conditions, api=api, **params)
+    reply = await query(service, *conditions, api=api, **params)
     assert reply["success"], (conditions, reply)
     assert "inventories" in reply, reply
     return list(reply["inventories"])
 
 
-async def names(stack: Stack, *conditions: tuple[Any, ...] | dict[str, Any], **params) -> set[str]:
-    inventories = await found(stack, *conditions, **params)
+async def names(
+    service: Service, *conditions: tuple[Any, ...] | dict[str, Any], **params
+) -> set[str]:
+    inventories = await found(service, *conditions, **params)
     result = {inv["name"] for inv in inventories}
     assert len(result) == len(inventories), f"duplicates in {[i['name'] for i in inventories]}"
     return result
 
 
 async def invalid(
-    stack: Stack, *conditions: tuple[Any, ...] | dict[str, Any], api: str = "QueryImage", **params
+    service: Service,
+    *conditions: tuple[Any, ...] | dict[str, Any],
+    api: str = "QueryImage",
+    **params,
 ) -> str:
     """The call fails with INVALID_ARGUMENT; returns its details."""
-    reply = await query(stack, *conditions, api=api, **params)
+    reply = await query(service, *conditions, api=api, **params)
     assert reply["success"] is False, (conditions, params, reply)
     assert reply["error"]["code"] == "INVALID_ARGUMENT", reply
     return str(reply["error"].get("details") or "")
@@ -385,11 +401,11 @@ OPERATOR_CASES: list[tuple[tuple[Any, ...], set[str]]] = [
 ]
 
 
-async def test_every_operator_on_every_field_type(stack: Stack) -> None:
-    await insert_images(stack.db, OPERATOR_IMAGES)
+async def test_every_operator_on_every_field_type(pg: PgStack) -> None:
+    await insert_images(pg.db, OPERATOR_IMAGES)
     ops_by_field: dict[str, set[str]] = {}
     failures = []
-    replies = await asyncio.gather(*(query(stack, c) for c, _ in OPERATOR_CASES))
+    replies = await asyncio.gather(*(query(pg, c) for c, _ in OPERATOR_CASES))
     for (condition, expected), reply in zip(OPERATOR_CASES, replies, strict=True):
         ops_by_field.setdefault(condition[0], set()).add(condition[1])
         if not reply.get("success"):
@@ -406,22 +422,22 @@ async def test_every_operator_on_every_field_type(stack: Stack) -> None:
         assert ops_by_field[name] == every_op, name
 
 
-async def test_conditions_are_anded(stack: Stack) -> None:
-    await insert_images(stack.db, OPERATOR_IMAGES)
-    assert await names(stack) == ALL
-    assert await names(stack, ("status", "=", "Ready"), ("system", "=", False)) == {
+async def test_conditions_are_anded(pg: PgStack) -> None:
+    await insert_images(pg.db, OPERATOR_IMAGES)
+    assert await names(pg) == ALL
+    assert await names(pg, ("status", "=", "Ready"), ("system", "=", False)) == {
         "alpha",
         "gamma",
         "centos7",
     }
     assert await names(
-        stack, ("status", "=", "Ready"), ("system", "=", False), ("size", ">=", 200)
+        pg, ("status", "=", "Ready"), ("system", "=", False), ("size", ">=", 200)
     ) == {"gamma", "centos7"}
-    assert await names(stack, ("platform", "=", "Linux"), ("name", "~=", "c%")) == {"centos7"}
-    assert await names(stack, ("name", "=", "alpha"), ("name", "=", "beta")) == set()
-    assert await names(stack, ("size", ">", 100), ("size", "<", 300)) == {"beta"}
+    assert await names(pg, ("platform", "=", "Linux"), ("name", "~=", "c%")) == {"centos7"}
+    assert await names(pg, ("name", "=", "alpha"), ("name", "=", "beta")) == set()
+    assert await names(pg, ("size", ">", 100), ("size", "<", 300)) == {"beta"}
     reply = await query(
-        stack, ("platform", "=", "Windows"), ("state", "=", "Disabled"), replyWithCount=True
+        pg, ("platform", "=", "Windows"), ("state", "=", "Disabled"), replyWithCount=True
     )
     assert reply["total"] == 2 and len(reply["inventories"]) == 2
 
@@ -429,11 +445,11 @@ async def test_conditions_are_anded(stack: Stack) -> None:
 # --- nested conditions --------------------------------------------------------------------
 
 
-async def test_nested_backup_storage_and_refs(stack: Stack) -> None:
+async def test_nested_backup_storage_and_refs(pg: PgStack) -> None:
     bs = {
-        "bs1": await insert_backup_storage(stack.db, "bs1"),
-        "bs2": await insert_backup_storage(stack.db, "bs2", status="Disconnected"),
-        "bs3": await insert_backup_storage(stack.db, "bs3", state="Disabled"),
+        "bs1": await insert_backup_storage(pg.db, "bs1"),
+        "bs2": await insert_backup_storage(pg.db, "bs2", status="Disconnected"),
+        "bs3": await insert_backup_storage(pg.db, "bs3", state="Disabled"),
     }
     images = [
         Img("centos-a", bs_names=["bs1", "bs2", "bs3"]),  # three refs, all matching %centos%
@@ -441,52 +457,50 @@ async def test_nested_backup_storage_and_refs(stack: Stack) -> None:
         Img("ubuntu", bs_names=["bs2", "bs3"]),
         Img("nowhere", status="Downloading"),
     ]
-    await insert_images(stack.db, images, bs)
-    assert await names(stack, ("backupStorage.name", "=", "bs1")) == {"centos-a", "centos-b"}
-    assert await names(stack, ("backupStorage.name", "=", "bs3")) == {"centos-a", "ubuntu"}
-    assert await names(stack, ("backupStorage.name", "!=", "bs1")) == {"centos-a", "ubuntu"}
-    assert await names(stack, ("backupStorage.status", "=", "Disconnected")) == {
+    await insert_images(pg.db, images, bs)
+    assert await names(pg, ("backupStorage.name", "=", "bs1")) == {"centos-a", "centos-b"}
+    assert await names(pg, ("backupStorage.name", "=", "bs3")) == {"centos-a", "ubuntu"}
+    assert await names(pg, ("backupStorage.name", "!=", "bs1")) == {"centos-a", "ubuntu"}
+    assert await names(pg, ("backupStorage.status", "=", "Disconnected")) == {
         "centos-a",
         "ubuntu",
     }
-    assert await names(stack, ("backupStorage.state", "=", "Disabled")) == {"centos-a", "ubuntu"}
-    assert await names(stack, ("backupStorage.uuid", "=", bs["bs1"])) == {"centos-a", "centos-b"}
-    assert await names(stack, ("backupStorage.totalCapacity", ">", 0)) == {
+    assert await names(pg, ("backupStorage.state", "=", "Disabled")) == {"centos-a", "ubuntu"}
+    assert await names(pg, ("backupStorage.uuid", "=", bs["bs1"])) == {"centos-a", "centos-b"}
+    assert await names(pg, ("backupStorage.totalCapacity", ">", 0)) == {
         "centos-a",
         "centos-b",
         "ubuntu",
     }
-    assert await names(stack, ("backupStorage.name", "is null")) == set()
+    assert await names(pg, ("backupStorage.name", "is null")) == set()
     # A nested condition matching several rows of one image returns the image once.
-    reply = await query(stack, ("backupStorage.name", "~=", "bs%"), replyWithCount=True)
+    reply = await query(pg, ("backupStorage.name", "~=", "bs%"), replyWithCount=True)
     assert sorted(i["name"] for i in reply["inventories"]) == ["centos-a", "centos-b", "ubuntu"]
     assert reply["total"] == 3
-    reply = await query(
-        stack, ("backupStorageRef.installPath", "~=", "%centos%"), replyWithCount=True
-    )
+    reply = await query(pg, ("backupStorageRef.installPath", "~=", "%centos%"), replyWithCount=True)
     assert sorted(i["name"] for i in reply["inventories"]) == ["centos-a", "centos-b"]
     assert reply["total"] == 2
-    reply = await query(stack, ("backupStorage.name", "?=", ["bs1", "bs2", "bs3"]), count=True)
+    reply = await query(pg, ("backupStorage.name", "?=", ["bs1", "bs2", "bs3"]), count=True)
     assert reply["total"] == 3
-    assert await names(stack, ("backupStorageRef.backupStorageUuid", "=", bs["bs2"])) == {
+    assert await names(pg, ("backupStorageRef.backupStorageUuid", "=", bs["bs2"])) == {
         "centos-a",
         "ubuntu",
     }
-    assert await names(stack, ("backupStorageRef.status", "=", "Ready")) == {
+    assert await names(pg, ("backupStorageRef.status", "=", "Ready")) == {
         "centos-a",
         "centos-b",
         "ubuntu",
     }
     # Each nested condition is its own EXISTS: bs1 and bs2 need not be the same row.
     assert await names(
-        stack, ("backupStorage.name", "=", "bs1"), ("backupStorage.name", "=", "bs2")
+        pg, ("backupStorage.name", "=", "bs1"), ("backupStorage.name", "=", "bs2")
     ) == {"centos-a"}
     # Mixed with plain conditions.
     assert await names(
-        stack, ("backupStorage.name", "=", "bs2"), ("name", "~=", "ubu%"), ("status", "=", "Ready")
+        pg, ("backupStorage.name", "=", "bs2"), ("name", "~=", "ubu%"), ("status", "=", "Ready")
     ) == {"ubuntu"}
     # The inventory carries its refs.
-    (inv,) = await found(stack, ("name", "=", "centos-a"))
+    (inv,) = await found(pg, ("name", "=", "centos-a"))
     assert {r["backupStorageUuid"] for r in inv["backupStorageRefs"]} == set(bs.values())
 
 
@@ -544,7 +558,9 @@ async def test_volume_events_feed_volume_queries(stack: Stack) -> None:
     marker = hexid()
     await stack.publish_event(f"volume.created.{marker}", volume_body(marker, vm2, img_b.uuid))
     assert await wait_for(lambda: vm_images(vm2), timeout=10) == {"image-b"}
-    await asyncio.sleep(0.5)  # in case events are handled concurrently
+    # The marker came after them all. The replays leave no trace of their own; v4's deletion
+    # does (a tombstone), whichever of its two events was handled first.
+    await wait_for(lambda: _tombstoned(stack, v4), timeout=10)
     assert await vm_images(vm1) == set()
     assert await names(stack, ("volume.uuid", "?=", [v1, v2, v4])) == set()
 
@@ -557,24 +573,36 @@ async def _is_empty(awaitable: Any) -> bool:
     return not await awaitable
 
 
+async def _tombstoned(stack: Stack, volume_uuid: str) -> bool:
+    return bool(await stack.db.fetchval("SELECT deleted FROM volume WHERE uuid = $1", volume_uuid))
+
+
 async def test_malformed_volume_events_are_dropped(stack: Stack) -> None:
     img = Img("image-m")
     await insert_images(stack.db, [img])
     vm = hexid()
     routed, body_uuid, good = hexid(), hexid(), hexid()
-    await stack.publish_event(f"volume.created.{routed}", b"garbage{")
-    await stack.publish_event(f"volume.created.{routed}", b'["not", "an", "object"]')
-    await stack.publish_event(f"volume.created.{routed}", {"uuid": "not-a-uuid"})
-    await stack.publish_event(
-        f"volume.created.{routed}", volume_body(routed, vm, img.uuid, size="huge")
-    )
-    # The body names another volume than the routing key.
-    await stack.publish_event(f"volume.created.{routed}", volume_body(body_uuid, vm, img.uuid))
-    await stack.publish_event(f"volume.exploded.{routed}", volume_body(routed, vm, img.uuid))
+    bad: list[tuple[str, bytes | dict[str, Any]]] = [
+        (f"volume.created.{routed}", b"garbage{"),
+        (f"volume.created.{routed}", b'["not", "an", "object"]'),
+        (f"volume.created.{routed}", {"uuid": "not-a-uuid"}),
+        (f"volume.created.{routed}", volume_body(routed, vm, img.uuid, size="huge")),
+        # The body names another volume than the routing key.
+        (f"volume.created.{routed}", volume_body(body_uuid, vm, img.uuid)),
+        (f"volume.exploded.{routed}", volume_body(routed, vm, img.uuid)),
+    ]
+    for key, body in bad:
+        await stack.publish_event(key, body)
     # A later good event still applies: the queue is not blocked.
     await stack.publish_event(f"volume.created.{good}", volume_body(good, vm, img.uuid))
     assert await wait_for(lambda: names(stack, ("volume.vmInstanceUuid", "=", vm))) == {"image-m"}
-    await asyncio.sleep(0.3)
+
+    # Each bad one is logged as dropped once it has been handled.
+    async def all_dropped() -> bool:
+        log = stack.services[0].log().splitlines()
+        return sum(routed in line and "dropped" in line for line in log) >= len(bad)
+
+    await wait_for(all_dropped, timeout=10)
     rows = await stack.db.fetch("SELECT uuid FROM volume")
     assert {r["uuid"] for r in rows} == {good}
     assert await names(stack, ("volume.uuid", "?=", [routed, body_uuid])) == set()
@@ -736,7 +764,7 @@ async def test_real_images_queries_and_tags_go_with_the_image(stack: Stack) -> N
 # --- sorting, paging, count, fields -------------------------------------------------------
 
 
-async def test_sorting_on_several_fields(stack: Stack) -> None:
+async def test_sorting_on_several_fields(pg: PgStack) -> None:
     rng = random.Random(7)
     images = [
         Img(
@@ -752,13 +780,13 @@ async def test_sorting_on_several_fields(stack: Stack) -> None:
         if img.size is None:
             img.status, img.virtual_size = "Downloading", None
     rng.shuffle(images)
-    await insert_images(stack.db, images)
+    await insert_images(pg.db, images)
 
     def default_key(img: Img) -> tuple[datetime, str]:
         return (img.create_date, img.uuid)
 
     async def order(**params: Any) -> list[str]:
-        return [i["uuid"] for i in await found(stack, **params)]
+        return [i["uuid"] for i in await found(pg, **params)]
 
     # No sortBy: createDate then uuid.
     assert await order() == [i.uuid for i in sorted(images, key=default_key)]
@@ -793,20 +821,20 @@ async def test_sorting_on_several_fields(stack: Stack) -> None:
     assert await order(sortBy="name", sortDirection="desc", start=3, limit=4) == by_name[::-1][3:7]
 
 
-async def test_paging_over_equal_create_dates_never_skips_or_repeats(stack: Stack) -> None:
+async def test_paging_over_equal_create_dates_never_skips_or_repeats(pg: PgStack) -> None:
     images = [Img(f"same-{i:02d}", system=i % 3 == 0, create_date=BASE) for i in range(50)]
-    await insert_images(stack.db, images)
+    await insert_images(pg.db, images)
     expected = sorted(img.uuid for img in images)
     for limit in (1, 7, 10, 49, 50, 1000):
         pages = [
-            [i["uuid"] for i in await found(stack, start=start, limit=limit)]
+            [i["uuid"] for i in await found(pg, start=start, limit=limit)]
             for start in range(0, 50, limit)
         ]
         seen = [u for page in pages for u in page]
         assert seen == expected, f"limit={limit}"
         assert all(len(page) == min(limit, 50 - n * limit) for n, page in enumerate(pages))
     # Beyond the end: empty page; total still counts everything.
-    reply = await query(stack, start=50, limit=10, replyWithCount=True)
+    reply = await query(pg, start=50, limit=10, replyWithCount=True)
     assert reply["inventories"] == [] and reply["total"] == 50
     # Paging with a sortBy full of ties, with a condition: still a total order.
     system = {img.uuid: img.system for img in images}
@@ -816,44 +844,44 @@ async def test_paging_over_equal_create_dates_never_skips_or_repeats(stack: Stac
         seen += [
             i["uuid"]
             for i in await found(
-                stack, ("name", "~=", "same-%"), sortBy="system", sortDirection="desc",
+                pg, ("name", "~=", "same-%"), sortBy="system", sortDirection="desc",
                 start=start, limit=6,
             )
         ]  # fmt: skip
     assert seen == want
     # Several concurrent pages agree with the sequential walk.
-    pages = await asyncio.gather(*(found(stack, start=s, limit=5) for s in range(0, 50, 5)))
+    pages = await asyncio.gather(*(found(pg, start=s, limit=5) for s in range(0, 50, 5)))
     assert [i["uuid"] for page in pages for i in page] == expected
 
 
-async def test_count_reply_with_count_and_fields(stack: Stack) -> None:
-    await insert_images(stack.db, OPERATOR_IMAGES)
+async def test_count_reply_with_count_and_fields(pg: PgStack) -> None:
+    await insert_images(pg.db, OPERATOR_IMAGES)
     # Plain query: inventories, no total.
-    reply = await query(stack, ("status", "=", "Ready"))
+    reply = await query(pg, ("status", "=", "Ready"))
     assert reply["success"] and "total" not in reply
     assert len(reply["inventories"]) == len(READY)
     # count=true: total, and no inventory (the service sends an empty list).
-    reply = await query(stack, ("status", "=", "Ready"), count=True)
+    reply = await query(pg, ("status", "=", "Ready"), count=True)
     assert reply["success"] and reply["total"] == len(READY)
     assert reply.get("inventories", []) == []
-    reply = await query(stack, count=True, limit=1)
+    reply = await query(pg, count=True, limit=1)
     assert reply["total"] == len(ALL)
     # count=true with replyWithCount=true: count wins (only the total).
-    reply = await query(stack, count=True, replyWithCount=True)
+    reply = await query(pg, count=True, replyWithCount=True)
     assert reply["total"] == len(ALL) and reply.get("inventories", []) == []
     # replyWithCount: both; total is independent of limit/start.
-    reply = await query(stack, ("status", "=", "Ready"), replyWithCount=True, limit=2, start=1)
+    reply = await query(pg, ("status", "=", "Ready"), replyWithCount=True, limit=2, start=1)
     assert reply["total"] == len(READY) and len(reply["inventories"]) == 2
-    reply = await query(stack, ("name", "=", "nope"), replyWithCount=True)
+    reply = await query(pg, ("name", "=", "nope"), replyWithCount=True)
     assert reply["total"] == 0 and reply["inventories"] == []
     # fields: only those keys, in the same order as without fields.
-    full = await found(stack)
-    slim = await found(stack, fields=["uuid", "name"])
+    full = await found(pg)
+    slim = await found(pg, fields=["uuid", "name"])
     assert all(set(inv) == {"uuid", "name"} for inv in slim)
     assert slim == [{"uuid": i["uuid"], "name": i["name"]} for i in full]
-    refs = await found(stack, ("name", "=", "alpha"), fields=["backupStorageRefs", "createDate"])
+    refs = await found(pg, ("name", "=", "alpha"), fields=["backupStorageRefs", "createDate"])
     assert refs == [{"backupStorageRefs": [], "createDate": "2024-03-01T12:00:00.000000Z"}]
-    reply = await query(stack, fields=["uuid"], replyWithCount=True, sortBy="size", limit=3)
+    reply = await query(pg, fields=["uuid"], replyWithCount=True, sortBy="size", limit=3)
     assert reply["total"] == len(ALL)
     assert [set(i) for i in reply["inventories"]] == [{"uuid"}] * 3
 
@@ -861,8 +889,8 @@ async def test_count_reply_with_count_and_fields(stack: Stack) -> None:
 # --- errors -------------------------------------------------------------------------------
 
 
-async def test_invalid_queries_name_the_offender(stack: Stack) -> None:
-    await insert_images(stack.db, OPERATOR_IMAGES[:2])
+async def test_invalid_queries_name_the_offender(pg: PgStack) -> None:
+    await insert_images(pg.db, OPERATOR_IMAGES[:2])
     cases: list[tuple[dict[str, Any], list[str]]] = [
         ({"conditions": [{"name": "nosuchfield", "op": "=", "value": "x"}]}, ["nosuchfield"]),
         ({"conditions": [{"name": "backupStorage.nosuch", "op": "=", "value": "x"}]}, ["nosuch"]),
@@ -906,7 +934,7 @@ async def test_invalid_queries_name_the_offender(stack: Stack) -> None:
         ({"sortDirection": "sideways"}, ["sortDirection"]),
         ({"unknownParam": 1}, ["unknownParam"]),
     ]  # fmt: skip
-    replies = await asyncio.gather(*(stack.call("QueryImage", params) for params, _ in cases))
+    replies = await asyncio.gather(*(pg.call("QueryImage", params) for params, _ in cases))
     failures = []
     for (params, words), reply in zip(cases, replies, strict=True):
         error = reply.get("error") or {}
@@ -917,11 +945,11 @@ async def test_invalid_queries_name_the_offender(stack: Stack) -> None:
             failures.append(f"{params}: details {details!r} do not name {words}")
     assert not failures, "\n".join(failures)
     # Limits at the edges are fine.
-    assert len(await found(stack, limit=1)) == 1
-    assert len(await found(stack, limit=10000)) == 2
-    assert await found(stack, start=10**6) == []
-    # The service survives all that.
-    assert len(await found(stack)) == 2
+    assert len(await found(pg, limit=1)) == 1
+    assert len(await found(pg, limit=10000)) == 2
+    assert await found(pg, start=10**6) == []
+    # The queries still work after all that.
+    assert len(await found(pg)) == 2
 
 
 # --- injection ----------------------------------------------------------------------------
@@ -1187,18 +1215,18 @@ def pick_conditions(p: Picker, images: list[Img]) -> list[dict[str, Any]]:
     return [pick_condition(p, images) for _ in range(p.randint(0, 4))]
 
 
-async def property_stack(stack: Stack) -> list[Img]:
-    bs = {name: await insert_backup_storage(stack.db, name) for name in BS_NAMES}
+async def property_stack(service: Service) -> list[Img]:
+    bs = {name: await insert_backup_storage(service.db, name) for name in BS_NAMES}
     images = property_dataset()
-    await insert_images(stack.db, images, bs)
+    await insert_images(service.db, images, bs)
     return images
 
 
 async def check_conditions(
-    stack: Stack, images: list[Img], conditions: list[dict[str, Any]]
+    service: Service, images: list[Img], conditions: list[dict[str, Any]]
 ) -> str | None:
     """None when the service agrees with the model, else a description of the disagreement."""
-    reply = await stack.call("QueryImage", {"conditions": conditions, "replyWithCount": True})
+    reply = await service.call("QueryImage", {"conditions": conditions, "replyWithCount": True})
     if not reply.get("success"):
         return f"{conditions}: {reply.get('error')}"
     got = [inv["uuid"] for inv in reply["inventories"]]
@@ -1219,9 +1247,9 @@ async def check_conditions(
     return None
 
 
-async def test_random_condition_lists_agree_with_python_model(stack: Stack) -> None:
+async def test_random_condition_lists_agree_with_python_model(pg: PgStack) -> None:
     """200 seeded random condition lists over ~60 varied images."""
-    images = await property_stack(stack)
+    images = await property_stack(pg)
     rng = random.Random(1234)
     picker = Picker(rng.choice, rng.randint)
     lists = [pick_conditions(picker, images) for _ in range(200)]
@@ -1231,15 +1259,15 @@ async def test_random_condition_lists_agree_with_python_model(stack: Stack) -> N
     failures: list[str] = []
     for start in range(0, len(lists), 20):
         batch = lists[start : start + 20]
-        results = await asyncio.gather(*(check_conditions(stack, images, cs) for cs in batch))
+        results = await asyncio.gather(*(check_conditions(pg, images, cs) for cs in batch))
         failures += [r for r in results if r]
     assert not failures, f"{len(failures)} disagreements:\n" + "\n".join(failures[:10])
 
 
-async def test_hypothesis_condition_lists_agree_with_python_model(stack: Stack) -> None:
+async def test_hypothesis_condition_lists_agree_with_python_model(pg: PgStack) -> None:
     """The same property driven by hypothesis (with shrinking). Hypothesis runs its synchronous
     engine in a worker thread; each example calls the service on the test's event loop."""
-    images = await property_stack(stack)
+    images = await property_stack(pg)
     loop = asyncio.get_running_loop()
 
     @st.composite
@@ -1258,7 +1286,7 @@ async def test_hypothesis_condition_lists_agree_with_python_model(stack: Stack) 
     )
     @given(conditions=condition_lists())
     def agrees(conditions: list[dict[str, Any]]) -> None:
-        future = asyncio.run_coroutine_threadsafe(check_conditions(stack, images, conditions), loop)
+        future = asyncio.run_coroutine_threadsafe(check_conditions(pg, images, conditions), loop)
         problem = future.result(timeout=60)
         assert problem is None, problem
 

@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import time
 import uuid
@@ -26,6 +25,21 @@ from typing import Any
 import asyncssh
 
 from tests.conftest import Agent, EventRecorder, Stack, wait_for
+from tests.helpers import (
+    closed_port,
+    error_of,
+    events_delivered,
+    image_count,
+    install_path,
+    md5_of,
+    pending_ops,
+    qemu_img,
+    qemu_info,
+    query_image,
+    wait_disconnected,
+    wait_no_files,
+    wait_no_pending_ops,
+)
 
 MiB = 1 << 20
 VIRTUAL = 32 * MiB
@@ -33,20 +47,10 @@ VIRTUAL = 32 * MiB
 # --- disk images --------------------------------------------------------------------------
 
 
-def qemu_img(*args: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(["qemu-img", *args], check=True, capture_output=True)
-
-
 def qemu_io(path: Path, fmt: str, command: str) -> None:
     subprocess.run(
         ["qemu-io", "-f", fmt, "-c", command, str(path)], check=True, capture_output=True
     )
-
-
-def qemu_info(path: Path | str, fmt: str) -> dict[str, Any]:
-    out = qemu_img("info", "-f", fmt, "--output=json", str(path)).stdout
-    info: dict[str, Any] = json.loads(out)
-    return info
 
 
 def same_content(a: Path | str, fmt_a: str, b: Path | str, fmt_b: str) -> bool:
@@ -69,10 +73,6 @@ def make_chain(directory: Path, *, relative: bool = False, prefix: str = "") -> 
     qemu_img("create", "-q", "-f", "qcow2", "-b", backing, "-F", "qcow2", str(top))
     qemu_io(top, "qcow2", "write -P 0xa5 512k 1M")
     return top
-
-
-def md5_of(path: Path | str) -> str:
-    return hashlib.md5(Path(path).read_bytes()).hexdigest()
 
 
 # --- the volume service's events ----------------------------------------------------------
@@ -151,40 +151,11 @@ async def data_template(stack: Stack, vol: str, **params: Any) -> dict[str, Any]
     return await stack.call("CreateDataVolumeTemplateFromVolume", body)
 
 
-def error_of(reply: dict[str, Any]) -> dict[str, Any]:
-    assert reply["success"] is False, reply
-    error: dict[str, Any] = reply["error"]
-    return error
-
-
 def the_ref(inv: dict[str, Any]) -> dict[str, Any]:
     refs = inv["backupStorageRefs"]
     assert len(refs) == 1, refs
     ref: dict[str, Any] = refs[0]
     return ref
-
-
-def install_path(agent: Agent, image_uuid: str, name: str) -> Path:
-    return agent.root / "templates" / image_uuid / f"{name}.template"
-
-
-async def image_count(stack: Stack) -> int:
-    reply = await stack.call("QueryImage", {"conditions": [], "count": True})
-    assert reply["success"], reply
-    return int(reply["total"])
-
-
-async def query_image(stack: Stack, image_uuid: str) -> dict[str, Any] | None:
-    reply = await stack.call(
-        "QueryImage", {"conditions": [{"name": "uuid", "op": "=", "value": image_uuid}]}
-    )
-    assert reply["success"], reply
-    inventories = reply["inventories"]
-    return inventories[0] if inventories else None
-
-
-async def pending_ops(stack: Stack) -> int:
-    return int(await stack.db.fetchval("SELECT count(*) FROM op WHERE status = 'Pending'"))
 
 
 async def assert_failed_and_gone(
@@ -300,14 +271,6 @@ async def sftp_host(tmp_path: Path) -> AsyncIterator[SftpHost]:
         gate.opened.set()
         server.close()
         await server.wait_closed()
-
-
-def closed_port() -> int:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = int(sock.getsockname()[1])
-    sock.close()
-    return port
 
 
 # === root volume templates from file:// volumes ==========================================
@@ -436,7 +399,7 @@ async def test_data_templates_from_root_and_data_volumes(stack: Stack, tmp_path:
     error = error_of(reply)
     assert error["code"] == "INVALID_ARGUMENT", reply
     assert "rootVolumeUuid" in error["details"]
-    assert await image_count(stack) == 2
+    assert await image_count(stack, through_api=True) == 2
 
     # The root-template parameters do not belong to a data template.
     reply = await data_template(stack, data_vol, platform="Linux")
@@ -494,7 +457,7 @@ async def test_missing_volume_or_snapshot_is_not_found(stack: Stack, tmp_path: P
     vol = await add_volume(stack, f"file://{odd}", fmt="vmdk")
     reply = await root_template(stack, vol)
     assert not reply["success"], reply
-    assert await image_count(stack) == 0
+    assert await image_count(stack, through_api=True) == 0
     assert agent.files() == []
 
 
@@ -537,7 +500,7 @@ async def test_root_template_from_snapshot(stack: Stack, tmp_path: Path) -> None
         "CreateRootVolumeTemplateFromVolumeSnapshot", {"name": "again", "snapshotUuid": snap}
     )
     assert error_of(reply)["code"] == "RESOURCE_NOT_FOUND", reply
-    assert await image_count(stack) == 1
+    assert await image_count(stack, through_api=True) == 1
 
 
 # === choice of backup storages ===========================================================
@@ -595,7 +558,7 @@ async def test_backup_storage_choice(stack: Stack, tmp_path: Path) -> None:
         assert the_ref(reply["inventory"])["backupStorageUuid"] == bs1.uuid
 
     # None usable: NO_BACKUP_STORAGE and nothing created.
-    count = await image_count(stack)
+    count = await image_count(stack, through_api=True)
     reply = await root_template(stack, vol, name="none", backupStorageUuids=[bs2.uuid])
     assert error_of(reply)["code"] == "NO_BACKUP_STORAGE", reply
     reply = await stack.call(
@@ -604,7 +567,7 @@ async def test_backup_storage_choice(stack: Stack, tmp_path: Path) -> None:
     assert reply["success"], reply
     reply = await root_template(stack, vol, name="none")
     assert error_of(reply)["code"] == "NO_BACKUP_STORAGE", reply
-    assert await image_count(stack) == count
+    assert await image_count(stack, through_api=True) == count
 
 
 # === sources the agent must refuse or cannot read ========================================
@@ -646,7 +609,7 @@ async def test_file_source_outside_volume_root_is_refused(stack: Stack, tmp_path
         image_uuid = uuid.uuid4().hex
         reply = await root_template(stack, vol, resourceUuid=image_uuid)
         await assert_failed_and_gone(stack, reply, image_uuid, [agent], "URL_NOT_ALLOWED")
-    assert await image_count(stack) == 0
+    assert await image_count(stack, through_api=True) == 0
 
 
 async def test_source_that_is_not_a_disk_image_or_missing(stack: Stack, tmp_path: Path) -> None:
@@ -674,7 +637,7 @@ async def test_source_that_is_not_a_disk_image_or_missing(stack: Stack, tmp_path
     reply = await root_template(stack, vol, resourceUuid=image_uuid)
     error = await assert_failed_and_gone(stack, reply, image_uuid, [agent], None)
     assert "gone.qcow2" in error["details"], reply
-    assert await image_count(stack) == 0
+    assert await image_count(stack, through_api=True) == 0
     assert await pending_ops(stack) == 0
 
 
@@ -779,10 +742,11 @@ async def test_volume_events_read_model(stack: Stack, tmp_path: Path) -> None:
     assert error_of(reply)["code"] == "RESOURCE_NOT_FOUND", reply
 
     # A replayed `created` (and an `updated`) after `deleted` do not revive it.
+    # Published before the sentinel, they were delivered before it: the sentinel in the read
+    # model is the sign that they have been handled (they leave no trace of their own).
     await add_volume(stack, f"file://{top}", volume_uuid=vol, wait=False)
     await add_volume(stack, f"file://{top}", volume_uuid=vol, action="updated", wait=False)
     sentinel = await add_volume(stack, f"file://{top}")
-    await asyncio.sleep(0.3)
     row = await volume_row(stack, vol)
     assert row is not None and row["deleted"]
     reply = await root_template(stack, vol, name="revived")
@@ -792,14 +756,19 @@ async def test_volume_events_read_model(stack: Stack, tmp_path: Path) -> None:
     await stack.publish_event(f"volume.deleted.{early}", {"uuid": early})
     await add_volume(stack, f"file://{top}", volume_uuid=early, wait=False)
     await add_volume(stack, f"file://{vroot / 'base.qcow2'}")  # processed after the two above
-    await asyncio.sleep(0.3)
+
+    async def tombstoned() -> bool:
+        row = await volume_row(stack, early)
+        return row is not None and row["deleted"]
+
+    await wait_for(tombstoned, timeout=10)
     reply = await root_template(stack, early, name="early")
     assert error_of(reply)["code"] == "RESOURCE_NOT_FOUND", reply
 
     # Later good events still work.
     reply = await root_template(stack, sentinel, name="sentinel")
     assert reply["success"], reply
-    assert await image_count(stack) == 2
+    assert await image_count(stack, through_api=True) == 2
 
 
 # === sftp sources =========================================================================
@@ -827,6 +796,7 @@ async def test_sftp_add_image_and_template_from_remote_chain(stack: Stack, tmp_p
         reply = await stack.add_image(host.url(img), [agent], name="remote", format="qcow2")
         assert reply["success"], reply
         inv = reply["inventory"]
+        ready = [inv["uuid"]]
         assert inv["status"] == "Ready" and inv["md5Sum"] == md5_of(img)
         assert inv["size"] == img.stat().st_size and inv["virtualSize"] == 48 * MiB
         assert inv["url"] == host.url(img)
@@ -838,6 +808,7 @@ async def test_sftp_add_image_and_template_from_remote_chain(stack: Stack, tmp_p
         reply = await root_template(stack, vol, name="remote-tpl")
         assert reply["success"], reply
         inv = reply["inventory"]
+        ready.append(inv["uuid"])
         assert (inv["status"], inv["url"]) == ("Ready", f"volume://{vol}")
         assert inv["virtualSize"] == VIRTUAL
         stored = install_path(agent, inv["uuid"], "remote-tpl")
@@ -849,6 +820,7 @@ async def test_sftp_add_image_and_template_from_remote_chain(stack: Stack, tmp_p
 
         reply = await data_template(stack, vol, name="remote-data")
         assert reply["success"], reply
+        ready.append(reply["inventory"]["uuid"])
         host.assert_no_secret(json.dumps(reply))
         expected.append(install_path(agent, reply["inventory"]["uuid"], "remote-data"))
         assert agent.files() == sorted(expected)
@@ -858,7 +830,15 @@ async def test_sftp_add_image_and_template_from_remote_chain(stack: Stack, tmp_p
         query = await stack.call("QueryImage", {"conditions": []})
         assert query["success"] and len(query["inventories"]) == 3
         host.assert_no_secret(json.dumps(query))
-        await asyncio.sleep(0.3)
+
+        # The events of all three images, up to their turning Ready, have arrived.
+        async def all_ready() -> bool:
+            return all(
+                any(e["newStatus"] == "Ready" for e in recorder.of(f"image.status.{u}"))
+                for u in ready
+            )
+
+        await wait_for(all_ready, timeout=10)
         assert recorder.events
         host.assert_no_secret(json.dumps(recorder.events))
         for proc in [*stack.services, agent.proc]:
@@ -914,7 +894,7 @@ async def test_sftp_password_in_url_is_not_exposed(stack: Stack, tmp_path: Path)
         assert password not in json.dumps(reply), reply
         query = await stack.call("QueryImage", {"conditions": []})
         assert password not in json.dumps(query), query
-        await asyncio.sleep(0.3)
+        await events_delivered(stack, recorder)  # whatever the service published is in
         assert password not in json.dumps(recorder.events)
         for proc in [*stack.services, agent.proc]:
             assert password not in proc.log(), proc.name
@@ -987,7 +967,7 @@ async def test_sftp_failures(stack: Stack, tmp_path: Path) -> None:
         reply, image_uuid = await add(host.url(img))
         assert reply["success"], reply
         assert reply["inventory"]["md5Sum"] == md5_of(img)
-        assert await image_count(stack) == 1
+        assert await image_count(stack, through_api=True) == 1
         for proc in [*stack.services, agent.proc]:
             host.assert_no_secret(proc.log())
 
@@ -1106,19 +1086,24 @@ async def test_agent_killed_while_creating_fails_cleanly(stack: Stack, tmp_path:
         assert await query_image(stack, image_uuid) is None
         assert await stack.bs_status(agent.uuid, "Disconnected") is not None
         # The agent comes back: whatever it had started is cleaned up, nothing is revived.
+        op_id = await stack.db.fetchval(
+            "SELECT op_id FROM op WHERE image_uuid = $1 AND kind = 'create'", image_uuid
+        )
         host.gate.opened.set()
         stack.restart(agent.proc)
         await stack.wait_connected(agent)
 
+        # The agent resumes the op it had journalled and reports its end, which the service no
+        # longer wants: once that has arrived and been cleaned up after, the op is over.
         async def clean() -> bool:
+            stale = f"stale result for op {op_id}" in stack.services[0].log()
             partial = list((agent.root / ".agent" / "partial").iterdir())
-            return agent.files() == [] and partial == [] and await pending_ops(stack) == 0
+            return stale and agent.files() == [] and partial == [] and await pending_ops(stack) == 0
 
         await wait_for(clean, timeout=20)
-        await asyncio.sleep(1.0)
         assert await stack.image_row(image_uuid) is None
         assert agent.files() == []
-        assert await image_count(stack) == 0
+        assert await image_count(stack, through_api=True) == 0
 
 
 async def test_service_killed_while_creating_finishes_or_fails_cleanly(
@@ -1147,16 +1132,8 @@ async def test_service_killed_while_creating_finishes_or_fails_cleanly(
             assert agent.files() == [install_path(agent, image_uuid, "svc")]
         else:
             assert await stack.image_row(image_uuid) is None
-
-            async def no_files() -> bool:
-                return agent.files() == []
-
-            await wait_for(no_files, timeout=15)
-
-        async def settled() -> bool:
-            return await pending_ops(stack) == 0
-
-        await wait_for(settled, timeout=15)
+            await wait_no_files(agent, timeout=15)
+        await wait_no_pending_ops(stack, timeout=15)
         row = await stack.image_row(image_uuid)
         assert row is None or row["status"] == "Ready"
 
@@ -1243,11 +1220,7 @@ async def test_get_image_source(stack: Stack) -> None:
 
     # The agent of bs2 dies: it is no longer a source, and an image only it holds has none.
     bs2.proc.kill()
-
-    async def disconnected() -> Any:
-        return await stack.bs_status(bs2.uuid, "Disconnected")
-
-    await wait_for(disconnected, timeout=15)
+    await wait_disconnected(stack, bs2)
     reply = await stack.call("GetImageSource", {"uuid": linux["uuid"], "forSystemVm": True})
     assert reply["success"], reply
     assert [s["backupStorageUuid"] for s in reply["sources"]] == [bs1.uuid]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import hashlib
 import os
 import subprocess
@@ -63,12 +65,28 @@ async def test_an_empty_image(tmp_path: Path) -> None:
     assert (tmp_path / "empty").read_bytes() == b""
 
 
+def descriptors_of(path: Path) -> list[int]:
+    """This process's open file descriptors that refer to `path`."""
+    found = []
+    for entry in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):  # the one listing the directory is gone already
+            if Path(os.readlink(entry)) == path.resolve():
+                found.append(int(entry.name))
+    return found
+
+
 async def test_abort_closes_the_file(tmp_path: Path) -> None:
-    writer = HashingWriter(tmp_path / "partial")
+    path = tmp_path / "partial"
+    writer = HashingWriter(path)
     await writer.write(os.urandom((1 << 20) + 1))
+    fd = writer._fd
+    assert descriptors_of(path) == [fd]
     await writer.abort()
-    with pytest.raises(OSError):
-        os.fstat(writer._fd)
+    # That very descriptor is closed, and nothing in this process holds the file any more.
+    with pytest.raises(OSError) as excinfo:
+        os.fstat(fd)
+    assert excinfo.value.errno == errno.EBADF
+    assert descriptors_of(path) == []
 
 
 async def test_more_pieces_than_one_writev_takes(tmp_path: Path) -> None:

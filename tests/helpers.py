@@ -1,0 +1,246 @@
+"""Helpers shared by the integration tests: reading replies, the service's state and the
+agents' files, and waiting on conditions (never on the clock).
+
+`wait_for` itself lives in `tests.conftest` and is re-exported here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any, Protocol
+
+import aio_pika
+import asyncpg
+
+from tests.conftest import AMQP_URL, Agent, EventRecorder, Stack, wait_for
+
+__all__ = [
+    "BARRIER_BINDING",
+    "Service",
+    "add_ready",
+    "assert_serving",
+    "closed_port",
+    "error_of",
+    "events_delivered",
+    "heartbeats_handled",
+    "image_count",
+    "install_path",
+    "md5_of",
+    "outbox_empty",
+    "pending_ops",
+    "publish",
+    "qemu_img",
+    "qemu_info",
+    "query_image",
+    "queue_counts",
+    "wait_disconnected",
+    "wait_for",
+    "wait_no_files",
+    "wait_no_pending_ops",
+]
+
+# Events published by `events_delivered`; a recorder it is used with must bind this key too.
+BARRIER_BINDING = "barrier.#"
+
+
+class Service(Protocol):
+    """What the helpers below need: the service's database and its APIs. Both the whole
+    deployment (`Stack`) and the database with the read-only APIs only (`PgStack`) are one."""
+
+    @property
+    def db(self) -> asyncpg.Connection: ...
+
+    async def call(
+        self, api: str, params: dict[str, Any] | None = None, **kw: Any
+    ) -> dict[str, Any]: ...
+
+
+# --- replies ------------------------------------------------------------------------------
+
+
+def error_of(reply: dict[str, Any]) -> dict[str, Any]:
+    """The `error` of a failed reply, which carries every field of the contract (A.6)."""
+    assert reply.get("success") is False, reply
+    error: dict[str, Any] = reply["error"]
+    assert {"code", "description", "details", "causes"} <= set(error), error
+    return error
+
+
+async def assert_serving(stack: Stack) -> None:
+    """The service still answers, and its first process has not died meanwhile."""
+    reply = await stack.call("QueryImage", {"conditions": [], "count": True}, timeout=15)
+    assert reply["success"] is True, reply
+    assert stack.services[0].running, stack.services[0].log()[-3000:]
+
+
+# --- the service's state --------------------------------------------------------------------
+
+
+async def query_image(service: Service, image_uuid: str) -> dict[str, Any] | None:
+    """The image's inventory as QueryImage gives it, None when there is no such image."""
+    reply = await service.call(
+        "QueryImage", {"conditions": [{"name": "uuid", "op": "=", "value": image_uuid}]}
+    )
+    assert reply["success"], reply
+    inventories: list[dict[str, Any]] = reply["inventories"]
+    return inventories[0] if inventories else None
+
+
+async def image_count(service: Service, *, through_api: bool = False) -> int:
+    """How many images there are: rows of the database, or (`through_api`) QueryImage's
+    count, as a caller of the service sees it."""
+    if through_api:
+        reply = await service.call("QueryImage", {"conditions": [], "count": True})
+        assert reply["success"], reply
+        return int(reply["total"])
+    return int(await service.db.fetchval("SELECT count(*) FROM image"))
+
+
+async def pending_ops(service: Service) -> int:
+    return int(await service.db.fetchval("SELECT count(*) FROM op WHERE status = 'Pending'"))
+
+
+async def wait_no_pending_ops(service: Service, timeout: float = 15) -> None:
+    async def none_pending() -> bool:
+        return await pending_ops(service) == 0
+
+    await wait_for(none_pending, timeout)
+
+
+async def outbox_empty(service: Service) -> bool:
+    """Everything the service committed to publish has been published (and confirmed)."""
+    return bool(await service.db.fetchval("SELECT count(*) FROM outbox") == 0)
+
+
+async def wait_disconnected(stack: Stack, agent: Agent, timeout: float = 15) -> dict[str, Any]:
+    """Until the service has declared the agent's backup storage Disconnected."""
+    result: dict[str, Any] = await wait_for(
+        lambda: stack.bs_status(agent.uuid, "Disconnected"), timeout=timeout
+    )
+    return result
+
+
+# --- the broker ------------------------------------------------------------------------------
+
+
+async def queue_counts(name: str) -> tuple[int, int]:
+    """(message_count, consumer_count) of a queue, from a passive declare."""
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        queue = await channel.declare_queue(name, passive=True)
+        result = queue.declaration_result
+        return int(result.message_count or 0), int(result.consumer_count or 0)
+
+
+async def publish(routing_key: str, body: bytes, **properties: Any) -> None:
+    """Publish straight to the default exchange, bypassing the service's and agents' own
+    clients: for messages they would never send."""
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        await channel.default_exchange.publish(
+            aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, **properties),
+            routing_key=routing_key,
+            timeout=10,
+        )
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound for a moment, then released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# --- images and files -----------------------------------------------------------------------
+
+
+async def add_ready(
+    stack: Stack, agents: list[Agent], name: str = "img", **params: Any
+) -> dict[str, Any]:
+    """AddImage of 128 KiB of random raw bytes to `agents`; returns its Ready inventory."""
+    url, _ = stack.http.add(f"{name}.raw", os.urandom(128 * 1024))
+    reply = await stack.add_image(url, agents, name=name, **params)
+    assert reply["success"], reply
+    inventory: dict[str, Any] = reply["inventory"]
+    assert inventory["status"] == "Ready"
+    return inventory
+
+
+def qemu_img(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["qemu-img", *args], check=True, capture_output=True)
+
+
+def qemu_info(path: Path | str, fmt: str) -> dict[str, Any]:
+    """`qemu-img info` of an image read as `fmt`."""
+    out = qemu_img("info", "-f", fmt, "--output=json", str(path)).stdout
+    info: dict[str, Any] = json.loads(out)
+    return info
+
+
+def md5_of(path: Path | str) -> str:
+    return hashlib.md5(Path(path).read_bytes()).hexdigest()
+
+
+def install_path(agent: Agent, image_uuid: str, name: str) -> Path:
+    """Where the agent stores an image of that name (contract: templates/UUID/NAME.template)."""
+    return agent.root / "templates" / image_uuid / f"{name}.template"
+
+
+async def wait_no_files(*agents: Agent, timeout: float = 10) -> None:
+    """Until none of the agents holds a stored or partial file."""
+
+    async def empty() -> bool:
+        return all(a.files() == [] for a in agents)
+
+    await wait_for(empty, timeout=timeout)
+
+
+# --- proof that time and work have passed ---------------------------------------------------
+# A check that something does NOT happen cannot wait for it; these wait instead for positive
+# markers that show the system has moved on, after which the negative is asserted.
+
+
+async def heartbeats_handled(
+    stack: Stack, agent: Agent, count: int = 3, timeout: float = 15
+) -> None:
+    """Until the service has handled `count` more heartbeats of `agent` (its row's
+    `last_heartbeat` moved on `count` times): time measured in the service's work."""
+
+    async def last_heartbeat() -> Any:
+        return await stack.db.fetchval(
+            "SELECT last_heartbeat FROM backup_storage WHERE uuid = $1", agent.uuid
+        )
+
+    seen = [await last_heartbeat()]
+
+    async def moved_on() -> bool:
+        value = await last_heartbeat()
+        if value is None or value == seen[-1]:
+            return False
+        seen.append(value)
+        return True
+
+    for _ in range(count):
+        await wait_for(moved_on, timeout, interval=0.05)
+
+
+async def events_delivered(stack: Stack, recorder: EventRecorder, timeout: float = 15) -> None:
+    """Until every event the service has committed so far has reached `recorder`, which must
+    be subscribed to `BARRIER_BINDING`: once the outbox is empty the relay has published them
+    all (with publisher confirms), and a marker published after that is queued behind them."""
+    await wait_for(lambda: outbox_empty(stack), timeout)
+    key = f"barrier.{uuid.uuid4().hex}"
+    await stack.publish_event(key, {"barrier": key})
+
+    async def arrived() -> bool:
+        return any(k == key for k, _ in recorder.events)
+
+    await wait_for(arrived, timeout, interval=0.05)
