@@ -16,7 +16,7 @@ import pytest_asyncio
 from image_service.lifecycle import DB_ENUMS, MACHINES
 from image_service.store import LATEST_VERSION, SchemaTooNew
 from image_service.store.migrations import available_migrations, current_version, migrate
-from tests.conftest import PG_URL, PgStack, _drop_database
+from tests.conftest import PG_URL, PgStack, _drop_database, wait_for
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -245,30 +245,42 @@ async def test_migrate_creates_a_missing_database() -> None:
 
 
 async def test_images_are_locked_in_uuid_order_whatever_the_order_asked(pg: PgStack) -> None:
-    """Two transactions lock the same images, asked for in opposite orders, each in two steps
-    (the second call re-locks what the first holds): with locks taken in one order neither
-    waits for the other in a cycle; PostgreSQL would abort one with a deadlock otherwise."""
-    uuids = [uuid.uuid4().hex for _ in range(50)]
-    for u in uuids:
+    """`lock_many` takes its row locks in uuid order, not in the order asked nor in the order
+    the rows lie on disk: while another transaction holds the image with the greatest uuid
+    (written first, so a scan in disk order would reach it first), a `lock_many` of all the
+    images waits for that one only after it has locked every other."""
+    uuids = sorted(uuid.uuid4().hex for _ in range(50))
+    last = uuids[-1]
+    for u in [last, *uuids[:-1]]:
         await pg.db.execute(
             "INSERT INTO image (uuid, name, status, url, media_type, platform, format)"
             " VALUES ($1, 'x', 'Downloading', 'http://h/x', 'RootVolumeTemplate', 'Linux', 'raw')",
             u,
         )
-    first_half = asyncio.Event()
+    holder = await asyncpg.connect(pg.database_url)
+    held = holder.transaction()
+    await held.start()
+    await holder.execute("SELECT 1 FROM image WHERE uuid = $1 FOR UPDATE", last)
 
-    async def worker(order: list[str]) -> int:
+    async def lock_all() -> int:
         async with pg.store.transaction() as tx:
-            locked = await tx.images.lock_many(order[: len(order) // 2] + order[len(order) // 2 :])
-            first_half.set()
-            await asyncio.sleep(0.05)
-            again = await tx.images.lock_many(list(reversed(order)))
-            return len(locked) + len(again)
+            return len(await tx.images.lock_many(uuids[::-1]))
 
-    results = await asyncio.wait_for(
-        asyncio.gather(
-            worker(uuids), worker(list(reversed(uuids))), worker(uuids[::2] + uuids[1::2])
-        ),
-        timeout=30,
-    )
-    assert results == [100, 100, 100]
+    locking = asyncio.create_task(lock_all())
+    try:
+
+        async def waiting_for_a_row_lock() -> bool:
+            return bool(
+                await pg.db.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    " AND datname = current_database()"
+                )
+            )
+
+        await wait_for(waiting_for_a_row_lock, timeout=10)
+        unlocked = await pg.db.fetch("SELECT uuid FROM image FOR UPDATE SKIP LOCKED")
+        assert unlocked == [], f"{len(unlocked)} rows not locked yet: not in uuid order"
+    finally:
+        await held.rollback()
+        await holder.close()
+    assert await asyncio.wait_for(locking, timeout=10) == 50
