@@ -52,7 +52,8 @@ class Monitor:
                 )
             # In the same transaction: only this replica's update returned these backup
             # storages, so only it may fail their downloads, and it must not forget to.
-            await backup_storages_disconnected(ctx, lost)
+            if lost:
+                await backup_storages_disconnected(ctx, lost)
 
     async def resend_due(self) -> None:
         async with self.transactions.open() as ctx:

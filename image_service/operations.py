@@ -60,11 +60,18 @@ async def apply_result(ctx: Ctx, result: AgentResult) -> None:
     if op.backup_storage_uuid != result.backupStorageUuid:
         log.warning("result for op %s from the wrong backup storage dropped", op_id)
         return
+    await ctx.tx.images.lock(op.image_uuid)  # serialise with other work on this image
     stored = result.stored
     if result.success and op.kind is not OpKind.delete and stored is None:
-        log.warning("successful %s result for op %s without its file dropped", op.kind, op_id)
-        return
-    await ctx.tx.images.lock(op.image_uuid)  # serialise with other work on this image
+        # The agent would answer the same again at every re-send: fail the op, so that its
+        # caller gets a reply instead of waiting for the backup storage to disconnect.
+        log.warning("successful %s result for op %s names no stored file", op.kind, op_id)
+        result = AgentResult.failed(
+            result.opId,
+            result.backupStorageUuid,
+            ErrorCode.OPERATION_ERROR,
+            "the agent reported success without the stored file",
+        )
     if op.kind is OpKind.delete and not result.success:
         # Keep the delete Pending so the reconciler retries it; release the waiting caller.
         await ctx.tx.ops.note_failure(
@@ -159,7 +166,8 @@ async def backup_storages_disconnected(ctx: Ctx, backup_storage_uuids: list[str]
         for bs_uuid in backup_storage_uuids
         for op in await ctx.tx.ops.pending_of_backup_storage(bs_uuid)
     ]
-    await ctx.tx.images.lock_many([op.image_uuid for op in ops])
+    if ops:
+        await ctx.tx.images.lock_many([op.image_uuid for op in ops])
     for op in ops:
         if op.kind is OpKind.delete:
             await ctx.tx.ops.detach_message(op.op_id)

@@ -118,6 +118,7 @@ class StoredFile(_Message):
     format: ImageFormat
 
 
+MAX_DETAILS = 65536
 _STORED_FIELDS = ("installPath", "size", "actualSize", "virtualSize", "md5Sum", "format")
 
 
@@ -136,7 +137,7 @@ class AgentResult(_Message):
     format: ImageFormat | None = None
     # A code the service does not know becomes OPERATION_ERROR there (PROTOCOL.md A.3).
     code: Annotated[str, Field(max_length=64)] | None = None
-    details: Annotated[str, Field(max_length=65536)] | None = None
+    details: Annotated[str, Field(max_length=MAX_DETAILS)] | None = None
 
     @model_validator(mode="after")
     def _stored_file_is_whole(self) -> AgentResult:
@@ -182,6 +183,10 @@ class AgentResult(_Message):
     def failed(
         cls, op_id: str, backup_storage_uuid: str, code: ErrorCode, details: str
     ) -> AgentResult:
+        """A failure; details beyond the field's limit are cut, never refused (an agent must
+        always be able to report a failure)."""
+        if len(details) > MAX_DETAILS:
+            details = details[: MAX_DETAILS - 1] + "…"
         return cls(
             opId=op_id,
             backupStorageUuid=backup_storage_uuid,

@@ -14,18 +14,20 @@ import re
 import sys
 from typing import Annotated, Any, Literal, NoReturn, TypeVar, get_args, get_origin
 
-from pydantic import AfterValidator, ValidationError
+from pydantic import AfterValidator, BeforeValidator, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsError
 
 S = TypeVar("S", bound=BaseSettings)
 USAGE_ERROR = 2
-_NAMESPACE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# A queue name is at most 255 bytes, and the longest one is `NS.agent.<32 hex>`.
+_NAMESPACE = re.compile(r"^[^\s\x00-\x1f\x7f]{1,200}$")
+_USERINFO = re.compile(r"(?<=://)[^/@\s]*@")
 
 
 def _namespace(value: str) -> str:
-    if not _NAMESPACE.match(value):
-        raise ValueError("letters, digits, '.', '_' and '-', at most 64, not starting with a sign")
+    if not _NAMESPACE.match(value) or len(value.encode()) > 200:
+        raise ValueError("1 to 200 bytes, without white space or control characters")
     return value
 
 
@@ -38,7 +40,10 @@ def _amqp_url(value: str) -> str:
 # The types of the settings every process shares.
 Namespace = Annotated[str, AfterValidator(_namespace)]
 AmqpUrl = Annotated[str, AfterValidator(_amqp_url)]
-LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+LogLevel = Annotated[
+    Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+    BeforeValidator(lambda v: v.upper() if isinstance(v, str) else v),
+]
 
 
 def flag_of(name: str) -> str:
@@ -91,7 +96,15 @@ def settings_from(model: type[S], parser: argparse.ArgumentParser, args: argpars
     except ValidationError as exc:
         _fail(parser, model, exc)
     except SettingsError as exc:  # an environment variable that is not valid JSON for a list
-        parser.exit(USAGE_ERROR, f"{parser.prog}: {exc}\n")
+        match = re.search(r'field "(\w+)"', str(exc))
+        if match is None or match.group(1) not in model.model_fields:
+            parser.exit(USAGE_ERROR, f"{parser.prog}: {exc}\n")
+        name = match.group(1)
+        parser.exit(
+            USAGE_ERROR,
+            f"{parser.prog}: {flag_of(name)} / {env_of(model, name)}: the variable must be JSON"
+            ' (a list is written ["a", "b"])\n',
+        )
 
 
 def _fail(
@@ -103,8 +116,15 @@ def _fail(
         loc = str(error["loc"][0]) if error["loc"] else ""
         name = by_alias.get(loc, loc)
         where = f"{flag_of(name)} / {env_of(model, name)}" if name in model.model_fields else name
-        lines.append(f"{parser.prog}: {where}: {error['msg']} (got {error.get('input')!r})")
+        given = "" if error["type"] == "missing" else f" (got {_redacted(error.get('input'))!r})"
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"{parser.prog}: {where}: {message}{given}")
     parser.exit(USAGE_ERROR, "\n".join(lines) + "\n")
+
+
+def _redacted(value: Any) -> Any:
+    """A value fit for an error line: no password of a url in it."""
+    return _USERINFO.sub("***@", value) if isinstance(value, str) else value
 
 
 def exit_with(prog: str, message: str, code: int = 1) -> NoReturn:

@@ -65,7 +65,8 @@ CREATE TABLE IF NOT EXISTS schema_version (
 
 
 async def current_version(conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) -> int:
-    if not await conn.fetchval("SELECT to_regclass('public.schema_version') IS NOT NULL"):
+    # Unqualified, as the migrations' own DDL: found wherever search_path puts the tables.
+    if not await conn.fetchval("SELECT to_regclass('schema_version') IS NOT NULL"):
         return 0
     version: int | None = await conn.fetchval("SELECT max(version) FROM schema_version")
     return version or 0
@@ -78,9 +79,13 @@ async def migrate(conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) -
         await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK_KEY)
         await conn.execute(_CREATE_VERSION_TABLE)
         current = await current_version(conn)
-        if current == 0 and await conn.fetchval("SELECT to_regclass('public.image') IS NOT NULL"):
-            # Made by the first release's unversioned schema.sql, which is migration 1.
+        if current == 0 and await conn.fetchval("SELECT to_regclass('image') IS NOT NULL"):
+            # Made by the first release's unversioned schema.sql, which is migration 1. Its
+            # statements are idempotent: running it again completes a database made by an
+            # earlier build of that release (a table, an index or lz4 missing), as every start
+            # of that release did.
             log.info("adopting an unversioned schema as version 1")
+            await conn.execute(migrations[0].sql)
             await _record(conn, migrations[0])
             current = 1
         if current > LATEST_VERSION:

@@ -14,9 +14,18 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-# A string literal, a quoted identifier, a comment, a cast (`::type`), or a parameter.
+# What may hold a colon that is not a parameter: a string literal (plain, or E'...' with
+# backslash escapes), a dollar-quoted string, a quoted identifier, a comment (line or block), a
+# cast (`::type`). Then a parameter, which never follows a name, a number or a closing bracket
+# (that is an array slice, `a[1:n]`).
 _TOKEN = re.compile(
-    r"""'(?:[^']|'')*'|"(?:[^"]|"")*"|--[^\n]*|::|:([A-Za-z_][A-Za-z0-9_]*)""", re.DOTALL
+    r"[Ee]'(?:[^'\\]|\\.|'')*'"
+    r"|'(?:[^']|'')*'"
+    r"|(\$[A-Za-z_]*\$).*?\1"
+    r'|"(?:[^"]|"")*"'
+    r"|--[^\n]*|/\*.*?\*/|::"
+    r"|(?<![\w\]\)]):([A-Za-z_][A-Za-z0-9_]*)",
+    re.DOTALL,
 )
 
 
@@ -39,7 +48,7 @@ def compile_query(name: str, text: str) -> Query:
     params: list[str] = []
 
     def replace(match: re.Match[str]) -> str:
-        param = match.group(1)
+        param = match.group(2)
         if param is None:
             return match.group(0)
         if param not in params:

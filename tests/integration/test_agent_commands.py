@@ -1,15 +1,17 @@
-"""Hostile commands on an agent's queue: each is validated with the protocol's model, dropped
-with a log line that names what is wrong, and changes nothing on disk; the agent goes on."""
+"""The agent's messages as the protocol defines them: hostile commands on an agent's queue are
+validated with the protocol's model, dropped with a log line that names what is wrong, and
+change nothing on disk; a result that claims a success without its file fails its op."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import uuid
 from pathlib import Path
 
 from tests.conftest import Stack
-from tests.helpers import publish, wait_for
+from tests.helpers import error_of, publish, wait_for, wait_no_files
 
 
 def snapshot(root: Path) -> list[str]:
@@ -72,3 +74,28 @@ async def test_invalid_commands_are_dropped_with_a_reason_and_change_nothing(sta
     reply = await stack.add_image(url, [agent], name="after")
     assert reply["success"], reply
     assert stack.http.hits["bait.raw"] == 1
+
+
+async def test_a_success_that_names_no_file_fails_its_op_and_answers_the_caller(
+    stack: Stack,
+) -> None:
+    """Such a result would come again at every re-send of the command: the op fails at once
+    (OPERATION_ERROR) instead of holding its caller until the backup storage disconnects."""
+    agent = await stack.start_agent("bs1")
+    stack.http.add("slow.raw", os.urandom(4 * 2**20))
+    task = asyncio.create_task(
+        stack.add_image(stack.http.url(f"slow/slow.raw?rate={2**19}"), [agent], name="slow")
+    )
+
+    async def pending_op() -> str | None:
+        op_id = await stack.db.fetchval("SELECT op_id FROM op WHERE status = 'Pending'")
+        return str(op_id) if op_id else None
+
+    op_id = await wait_for(pending_op, timeout=10)
+    body = {"opId": op_id, "backupStorageUuid": agent.uuid, "success": True}
+    await publish(stack.names.results, json.dumps(body).encode(), message_id=op_id)
+    reply = await asyncio.wait_for(task, 30)
+    assert error_of(reply)["code"] == "OPERATION_ERROR", reply
+    assert error_of(reply)["details"] == "the agent reported success without the stored file"
+    assert await stack.db.fetchval("SELECT count(*) FROM image") == 0
+    await wait_no_files(agent)

@@ -169,6 +169,32 @@ async def test_a_first_release_database_is_migrated_without_losing_a_row(
     assert await migrate(db) == [], "a second run finds nothing to do"
 
 
+async def test_adopting_a_first_release_database_completes_it(
+    empty_db: tuple[str, asyncpg.Connection],
+) -> None:
+    """An early build of the first release lacked tables and indexes its every start would
+    have added: adopting its database as version 1 adds them too."""
+    _, db = empty_db
+    await db.execute(available_migrations()[0].sql)
+    await db.execute("DROP TABLE volume_snapshot; DROP INDEX image_status_idx")
+    await migrate(db)
+    assert await db.fetchval("SELECT to_regclass('volume_snapshot') IS NOT NULL")
+    assert await db.fetchval("SELECT to_regclass('image_status_idx') IS NOT NULL")
+
+
+async def test_a_schema_of_its_own_is_migrated_once(
+    empty_db: tuple[str, asyncpg.Connection],
+) -> None:
+    """A role whose tables live in a schema of its own (first on its search_path): the
+    second start finds the version there, as the first left it."""
+    _, db = empty_db
+    await db.execute("CREATE SCHEMA images_app; SET search_path TO images_app")
+    assert await migrate(db) == list(range(1, LATEST_VERSION + 1))
+    assert await migrate(db) == []
+    assert await db.fetchval("SELECT to_regclass('images_app.schema_version') IS NOT NULL")
+    assert not await db.fetchval("SELECT to_regclass('public.image') IS NOT NULL")
+
+
 async def test_replicas_that_start_together_migrate_once(
     empty_db: tuple[str, asyncpg.Connection],
 ) -> None:

@@ -90,6 +90,7 @@ def test_agent_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
         (["--namespace", "a b"], {}, "--namespace / IMAGE_NAMESPACE"),
         ([], {"IMAGE_AMQP_URL": "http://x"}, "--amqp-url / IMAGE_AMQP_URL"),
         (["--log-level", "LOUD"], {}, "--log-level / IMAGE_LOG_LEVEL"),
+        (["--namespace", "x" * 201], {}, "--namespace / IMAGE_NAMESPACE"),
     ],
 )
 def test_a_bad_value_is_one_line_and_exit_2(
@@ -132,3 +133,41 @@ def test_the_real_commands_exit_2_without_a_traceback(command: list[str]) -> Non
     assert done.returncode == 2, done
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_log_levels_in_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert service_args(["--log-level", "debug"])[1].log_level == "DEBUG"
+    monkeypatch.setenv("IMAGE_LOG_LEVEL", "warning")
+    assert service_args([])[1].log_level == "WARNING"
+
+
+def test_namespaces_beyond_letters_are_kept() -> None:
+    assert service_args(["--namespace", "tenant/a:b"])[1].namespace == "tenant/a:b"
+
+
+def test_errors_never_print_a_password(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("IMAGE_DATABASE_URL", "mysql://user:SECRET@db/images")
+    with pytest.raises(SystemExit):
+        service_args(["--amqp-url", "http://user:SECRET@broker/"])
+    err = capsys.readouterr().err
+    assert "SECRET" not in err and err.count("***@") == 2, err
+    with pytest.raises(SystemExit):
+        agent_args(["--name", "n", "--amqp-url", "amqp://user:SECRET@broker/"])
+    err = capsys.readouterr().err
+    assert "SECRET" not in err and "--root / IMAGE_AGENT_ROOT: Field required" in err
+
+
+def test_a_list_variable_that_is_not_json_names_its_flag(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("IMAGE_AGENT_VOLUME_ROOT", "/a")
+    with pytest.raises(SystemExit) as excinfo:
+        agent_args(["--root", str(tmp_path), "--name", "n"])
+    assert excinfo.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("backup-agent: --volume-root / IMAGE_AGENT_VOLUME_ROOT: "), err
+    monkeypatch.setenv("IMAGE_AGENT_VOLUME_ROOT", '["/a", "/b"]')
+    settings = agent_args(["--root", str(tmp_path), "--name", "n"])
+    assert [str(p) for p in settings.volume_root] == ["/a", "/b"]

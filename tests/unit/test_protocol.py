@@ -168,3 +168,9 @@ def test_heartbeat_bounds() -> None:
     for bad in ({"heartbeatInterval": 0}, {"availableCapacity": -1}, {"uuid": "x"}, {"name": ""}):
         with pytest.raises(ValidationError):
             Heartbeat.model_validate({**beat, **bad})
+
+
+def test_a_failure_is_always_reportable() -> None:
+    result = AgentResult.failed(OP, BS, ErrorCode.DOWNLOAD_FAILED, "x" * 100_000)
+    assert result.details is not None and len(result.details) == 65536
+    assert AgentResult.model_validate_json(result.to_json()) == result

@@ -88,3 +88,20 @@ def test_no_status_literal_guards_a_state_change() -> None:
                 "Disabled",
             ):
                 assert f"'{status}'" not in query.sql, f"{query.name} writes '{status}' in SQL"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "SELECT /* :z */ :a",
+        "SELECT E'it\\'s :z', :a",
+        "SELECT $$ :z $$, :a",
+        "SELECT $tag$ :z $tag$, :a",
+        "SELECT arr[1:z], :a",
+        "SELECT (x):z, :a",
+    ],
+)
+def test_colons_that_are_not_parameters(text: str) -> None:
+    query = compile_query("q", text)
+    assert query.params == ("a",), query
+    assert ":z" in query.sql
