@@ -1,7 +1,7 @@
 """The settings of `backup-agent` (contract section 1 and PROTOCOL.md A.10).
 
-The connection settings share the service's environment variables (`IMAGE_AMQP_URL`,
-`IMAGE_NAMESPACE`, `IMAGE_LOG_LEVEL`); the agent's own are `IMAGE_AGENT_*`.
+Every flag's environment variable is `IMAGE_` plus its name (`--root`: `IMAGE_ROOT`), as for the
+service; the connection settings are the service's own (`IMAGE_AMQP_URL`, `IMAGE_NAMESPACE`).
 """
 
 from __future__ import annotations
@@ -12,34 +12,22 @@ from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from backup_agent.fetchers import FetchSettings
-from image_service.protocol.config import AmqpUrl, LogLevel, Namespace
+from image_service.protocol.config import BusSettings, LogLevel
 
 Seconds = Annotated[float, Field(gt=0, le=3600)]
 
 
-class AgentSettings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="IMAGE_AGENT_", frozen=True, extra="forbid", populate_by_name=True
-    )
-
+class AgentSettings(BusSettings):
     root: Path = Field(description="where images are stored (created when missing)")
     name: Annotated[str, Field(min_length=1, max_length=255)] = Field(
         description="the backup storage's name"
     )
-    amqp_url: AmqpUrl = Field(
-        "amqp://guest:guest@127.0.0.1:5672/",
-        validation_alias="IMAGE_AMQP_URL",
-        description="the RabbitMQ broker",
-    )
-    namespace: Namespace = Field(
-        "image", validation_alias="IMAGE_NAMESPACE", description="prefix of every queue"
-    )
     heartbeat_interval: Seconds = Field(10.0, description="seconds between heartbeats")
     hostname: Annotated[str, Field(min_length=1, max_length=255)] = Field(
-        default_factory=socket.getfqdn, description="how volume services reach this host"
+        default_factory=socket.getfqdn,
+        description="how volume services reach this host (default: this host's FQDN)",
     )
     capacity: Annotated[int, Field(ge=0)] | None = Field(
         None, description="bytes this backup storage may hold (default: the disk)"
@@ -63,7 +51,7 @@ class AgentSettings(BaseSettings):
     stall_timeout: Seconds = Field(
         30.0, description="a source that sends nothing for this long fails the download"
     )
-    log_level: LogLevel = Field("INFO", validation_alias="IMAGE_LOG_LEVEL", description="log level")
+    log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")
 
     @property
     def volume_roots(self) -> tuple[Path, ...]:

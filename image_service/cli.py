@@ -18,10 +18,9 @@ import uuid
 from typing import Annotated, Any, TextIO
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from image_service.protocol.client import ApiClient
-from image_service.protocol.config import AmqpUrl, Namespace, options_parser, settings_from
+from image_service.protocol.config import BusSettings, options_parser, settings_from
 from image_service.protocol.names import Names
 
 LIST_PARAMS = {"backupStorageUuids", "fields"}
@@ -129,19 +128,7 @@ async def run(settings: CliSettings, api: str, params: dict[str, Any]) -> dict[s
         await client.close()
 
 
-class CliSettings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_prefix="IMAGE_CLI_", frozen=True, extra="forbid", populate_by_name=True
-    )
-
-    amqp_url: AmqpUrl = Field(
-        "amqp://guest:guest@127.0.0.1:5672/",
-        validation_alias="IMAGE_AMQP_URL",
-        description="the RabbitMQ broker",
-    )
-    namespace: Namespace = Field(
-        "image", validation_alias="IMAGE_NAMESPACE", description="the service's namespace"
-    )
+class CliSettings(BusSettings):
     timeout: Annotated[float, Field(gt=0)] | None = Field(
         None, description="seconds to wait for the reply (default: no limit)"
     )

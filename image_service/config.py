@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Annotated
 
 from pydantic import AfterValidator, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from image_service.protocol.config import AmqpUrl, LogLevel, Namespace
+from image_service.protocol.config import BusSettings, LogLevel
 
 
 def _postgres_url(value: str) -> str:
@@ -19,17 +18,11 @@ def _postgres_url(value: str) -> str:
 Seconds = Annotated[float, Field(gt=0, le=7 * 24 * 3600)]
 
 
-class ServiceSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="IMAGE_", frozen=True, extra="forbid")
-
-    amqp_url: AmqpUrl = Field(
-        "amqp://guest:guest@127.0.0.1:5672/", description="the RabbitMQ broker"
-    )
+class ServiceSettings(BusSettings):
     database_url: Annotated[str, AfterValidator(_postgres_url)] = Field(
         "postgresql://postgres@127.0.0.1:5432/images",
         description="the PostgreSQL database (created when missing)",
     )
-    namespace: Namespace = Field("image", description="prefix of every queue and exchange")
     resend_after: Seconds = Field(
         30.0, description="seconds before an unanswered agent command is sent again"
     )

@@ -20,12 +20,8 @@ class ImageStatus(StrEnum):
     Ready = "Ready"
 
 
-class RefStatus(StrEnum):
-    """The status of an image on one backup storage (stored in the same ENUM as ImageStatus)."""
-
-    Creating = "Creating"
-    Downloading = "Downloading"
-    Ready = "Ready"
+# The status of an image on one backup storage: the same values, in the same ENUM, as the image's.
+RefStatus = ImageStatus
 
 
 class ImageState(StrEnum):
@@ -78,7 +74,7 @@ class Machine(Generic[S]):
         return [str(s) for s, targets in self.transitions.items() if not targets]
 
 
-_IS, _RS, _OS = ImageStatus, RefStatus, OpStatus
+_IS, _OS = ImageStatus, OpStatus
 _BS, _ST, _IM = BackupStorageStatus, BackupStorageState, ImageState
 
 # An image (and each of its references) is born Downloading (from a url) or Creating (from a
@@ -94,16 +90,8 @@ IMAGE_STATUS = Machine(
         _IS.Ready: frozenset(),
     },
 )
-REF_STATUS = Machine(
-    "reference status",
-    "image_status",
-    RefStatus,
-    {
-        _RS.Downloading: frozenset({_RS.Ready}),
-        _RS.Creating: frozenset({_RS.Ready}),
-        _RS.Ready: frozenset(),
-    },
-)
+# A reference follows the same table (and so never disagrees with its image about it).
+REF_STATUS = Machine("reference status", "image_status", RefStatus, IMAGE_STATUS.transitions)
 # An op is the lease on one agent command: Pending until its result (or a cancellation).
 OP_STATUS = Machine(
     "op status",

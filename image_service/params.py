@@ -12,16 +12,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-UUID_RE = re.compile(r"^[0-9a-f]{32}$")
-MD5_RE = re.compile(r"^[0-9a-f]{32}$")
+from image_service.protocol.agent import check_hex32
+
 # Characters that would let a name escape the directory it is stored in, or confuse a shell.
 NAME_FORBIDDEN_RE = re.compile(r"[/\\\x00-\x1f\x7f]")
-
-
-def _check_uuid(value: str) -> str:
-    if not UUID_RE.match(value):
-        raise ValueError("must be 32 lowercase hex characters")
-    return value
 
 
 def _check_name(value: str) -> str:
@@ -33,10 +27,10 @@ def _check_name(value: str) -> str:
 
 
 def _check_md5(value: str) -> str:
-    lowered = value.lower()
-    if not MD5_RE.match(lowered):
-        raise ValueError("must be 32 hex characters")
-    return lowered
+    try:
+        return check_hex32(value.lower())
+    except ValueError:
+        raise ValueError("must be 32 hex characters") from None
 
 
 def _check_url(value: str) -> str:
@@ -47,7 +41,7 @@ def _check_url(value: str) -> str:
     return value
 
 
-Uuid = Annotated[str, Field(min_length=32, max_length=32), AfterValidator(_check_uuid)]
+Uuid = Annotated[str, Field(min_length=32, max_length=32), AfterValidator(check_hex32)]
 Name = Annotated[str, Field(min_length=1, max_length=255), AfterValidator(_check_name)]
 Description = Annotated[str, Field(max_length=2048)]
 GuestOsType = Annotated[str, Field(max_length=255)]

@@ -48,6 +48,8 @@ class AwaitOps:
 
 AWAIT_OPS = AwaitOps()
 Outcome = dict[str, Any] | AwaitOps
+# Replies to a message once none of its agent ops is pending (settlement.settle_message).
+Settle = Callable[["Ctx", str], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,10 +109,13 @@ def parse_envelope(body: bytes) -> Envelope:
 class Pipeline:
     """Runs every message of `NS.api` through the one order of operations."""
 
-    def __init__(self, transactions: Transactions, bus: Bus, apis: Mapping[str, Api]) -> None:
+    def __init__(
+        self, transactions: Transactions, bus: Bus, apis: Mapping[str, Api], settle: Settle
+    ) -> None:
         self.transactions = transactions
         self.bus = bus
         self.apis = apis
+        self.settle = settle
 
     async def on_api(self, msg: Incoming) -> None:
         message_id = msg.message_id or f"generated-{uuid.uuid4().hex}"
@@ -140,7 +145,11 @@ class Pipeline:
                 await finish_message(ctx.tx, ctx.outbox, message_id, error_reply(None, envelope))
                 return
             outcome = await self._run(ctx, envelope)
-            if not isinstance(outcome, AwaitOps):  # else the agents' results bring the reply
+            if isinstance(outcome, AwaitOps):
+                # The agents' results bring the reply; or it is due now, when no op is left
+                # to wait for (every target skipped, none Connected).
+                await self.settle(ctx, message_id)
+            else:
                 await finish_message(ctx.tx, ctx.outbox, message_id, outcome)
 
     async def _read_only(

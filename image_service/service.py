@@ -22,6 +22,7 @@ from image_service.protocol.names import Names
 from image_service.protocol.transport import Bus
 from image_service.pruning import Pruner
 from image_service.relay import Relay
+from image_service.settlement import settle_message
 from image_service.store import Store
 from image_service.volume_events import VolumeEvents
 
@@ -65,7 +66,7 @@ class ImageService:
         ]
         agents = AgentInputs(transactions, self.bus)
         volumes = VolumeEvents(transactions)
-        pipeline = Pipeline(transactions, self.bus, APIS)
+        pipeline = Pipeline(transactions, self.bus, APIS, settle_message)
         prefetch = settings.prefetch
         await self.bus.consume(self.names.heartbeats, agents.on_heartbeat, prefetch=prefetch)
         await self.bus.consume(self.names.results, agents.on_result, prefetch=prefetch)

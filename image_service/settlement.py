@@ -16,18 +16,11 @@ from image_service.errors import ApiError, ErrorCode
 from image_service.events import emit_deleted, emit_status
 from image_service.inventory import image_inventory_of
 from image_service.lifecycle import ImageStatus, RefStatus
-from image_service.pipeline import AWAIT_OPS, AwaitOps, Ctx
+from image_service.pipeline import Ctx
 from image_service.replies import error_reply, finish_message, success_reply
 from image_service.store.rows import InboxRow
 
 log = logging.getLogger(__name__)
-
-
-async def await_ops(ctx: Ctx) -> AwaitOps:
-    """What a handler returns once it has recorded its ops: the reply comes when they finish,
-    or now, when none is left to wait for (every target skipped, or none Connected)."""
-    await settle_message(ctx, ctx.message_id)
-    return AWAIT_OPS
 
 
 async def settle_message(ctx: Ctx, message_id: str | None) -> None:

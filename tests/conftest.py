@@ -412,11 +412,20 @@ class PgStack:
         envelope = parse_envelope(json.dumps({"api": api, "params": params or {}}).encode())
         if envelope.api in APIS and not APIS[envelope.api].read_only:
             raise AssertionError(f"{api} needs agents or the outbox: use the `stack` fixture")
-        pipeline = Pipeline(Transactions(self.store, Names("unused")), None, APIS)  # type: ignore[arg-type]
+        pipeline = Pipeline(
+            Transactions(self.store, Names("unused")),
+            None,  # type: ignore[arg-type]
+            APIS,
+            settle=_no_settling,
+        )
         async with self.store.autocommit() as tx:
             ctx = Ctx(tx, None, f"local-{uuid.uuid4().hex}")  # type: ignore[arg-type]
             reply = await pipeline._run(ctx, envelope, isolated=False)
         return dict(json.loads(encode(reply)))
+
+
+async def _no_settling(ctx: Ctx, message_id: str) -> None:
+    raise AssertionError("a read-only API never waits for agents")
 
 
 @pytest_asyncio.fixture(loop_scope="session")

@@ -20,11 +20,9 @@ from image_service.lifecycle import (
     BackupStorageStatus,
     ImageStatus,
     OpKind,
-    RefStatus,
 )
-from image_service.pipeline import Ctx, Outcome
+from image_service.pipeline import AWAIT_OPS, Ctx, Outcome
 from image_service.protocol.agent import CreateCommand, DownloadCommand
-from image_service.settlement import await_ops
 from image_service.store.images import NewImageRow
 from image_service.store.rows import BackupStorageRow
 
@@ -144,7 +142,7 @@ async def create_image(
             image_uuid=image.uuid,
             backup_storage_uuid=bs.uuid,
             install_path=path,
-            status=RefStatus(image.status),
+            status=image.status,
         )
         op_id = uuid.uuid4()
         command = _command(image, source, op_id, bs.uuid, path)
@@ -159,7 +157,7 @@ async def create_image(
         await ctx.outbox.command(command)
     inventory = await image_inventory_of(ctx.tx, image.uuid)
     await emit_status(ctx, image.uuid, None, image.status, inventory)
-    return await await_ops(ctx)
+    return AWAIT_OPS
 
 
 async def add_image(ctx: Ctx, p: params.AddImage) -> Outcome:

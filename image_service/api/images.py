@@ -9,8 +9,8 @@ from image_service.events import emit_deleted, emit_state
 from image_service.inventory import image_inventory_of
 from image_service.lifecycle import BackupStorageStatus, ImageState, ImageStatus, OpKind, RefStatus
 from image_service.operations import cancel_ops, schedule_delete
-from image_service.pipeline import Ctx, Outcome
-from image_service.settlement import await_ops, settle_message
+from image_service.pipeline import AWAIT_OPS, Ctx, Outcome
+from image_service.settlement import settle_message
 from image_service.store.rows import ImageRow
 
 _CONNECTED = BackupStorageStatus.Connected
@@ -79,7 +79,7 @@ async def delete_image(ctx: Ctx, p: params.DeleteImage) -> Outcome:
         await emit_deleted(ctx, p.uuid, inventory)
     for message_id in cancelled_messages:
         await settle_message(ctx, message_id)
-    return await await_ops(ctx)
+    return AWAIT_OPS
 
 
 async def change_image_state(ctx: Ctx, p: params.ChangeImageState) -> Outcome:

@@ -13,12 +13,12 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, 
 
 from image_service.protocol.errors import ErrorCode
 
-_UUID32 = re.compile(r"^[0-9a-f]{32}$")
-_MD5 = re.compile(r"^[0-9a-f]{32}$")
+_HEX32 = re.compile(r"^[0-9a-f]{32}$")
 
 
-def _uuid32(value: str) -> str:
-    if not _UUID32.match(value):
+def check_hex32(value: str) -> str:
+    """A resource uuid or an md5: 32 lowercase hex characters (the API parameters use it too)."""
+    if not _HEX32.match(value):
         raise ValueError("must be 32 lowercase hex characters")
     return value
 
@@ -32,21 +32,15 @@ def _op_id(value: str) -> str:
         raise ValueError("must be a UUID") from None
 
 
-def _md5(value: str) -> str:
-    if not _MD5.match(value):
-        raise ValueError("must be 32 lowercase hex characters")
-    return value
-
-
 def _no_nul(value: str) -> str:
     if "\x00" in value:
         raise ValueError("must not contain NUL")
     return value
 
 
-Uuid32 = Annotated[str, AfterValidator(_uuid32)]
+Uuid32 = Annotated[str, AfterValidator(check_hex32)]
 OpId = Annotated[str, Field(max_length=64), AfterValidator(_op_id)]
-Md5 = Annotated[str, AfterValidator(_md5)]
+Md5 = Annotated[str, AfterValidator(check_hex32)]
 FilePath = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_no_nul)]
 Bytes = Annotated[int, Field(ge=0, lt=2**63)]
 ImageFormat = Literal["qcow2", "raw", "iso"]

@@ -1,8 +1,8 @@
 """Settings of every process (service, agent, command line) from flags and the environment.
 
 Each process describes its settings once, as a pydantic-settings model; `options_parser` turns
-every field into a flag (`resend_after` -> `--resend-after`) whose environment variable is the
-model's prefix plus the field's name (`IMAGE_RESEND_AFTER`) or the field's own alias. A flag
+every field into a flag (`resend_after` -> `--resend-after`) whose environment variable is
+`IMAGE_` plus the field's name (`IMAGE_RESEND_AFTER`), in every process. A flag
 wins over its variable, which wins over the default. A bad value ends the process with one line
 naming the flag and the variable, and exit code 2, never a traceback.
 """
@@ -14,11 +14,12 @@ import re
 import sys
 from typing import Annotated, Any, Literal, NoReturn, TypeVar, get_args, get_origin
 
-from pydantic import AfterValidator, BeforeValidator, ValidationError
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, SettingsError
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 S = TypeVar("S", bound=BaseSettings)
+ENV_PREFIX = "IMAGE_"
 USAGE_ERROR = 2
 # A queue name is at most 255 bytes, and the longest one is `NS.agent.<32 hex>`.
 _NAMESPACE = re.compile(r"^[^\s\x00-\x1f\x7f]{1,200}$")
@@ -50,11 +51,21 @@ def flag_of(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def env_of(model: type[BaseSettings], name: str) -> str:
-    alias = model.model_fields[name].validation_alias
-    if isinstance(alias, str):
-        return alias
-    return (str(model.model_config.get("env_prefix", "")) + name).upper()
+class BusSettings(BaseSettings):
+    """What every process needs to reach the others. All three read `IMAGE_` plus the flag's
+    name from the environment (the contract's convention: `IMAGE_AMQP_URL`, `IMAGE_NAMESPACE`,
+    and for the flags it adds later `IMAGE_ALLOW_NETWORKS`, `IMAGE_SERVICE_USER` ...)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+
+    amqp_url: AmqpUrl = Field(
+        "amqp://guest:guest@127.0.0.1:5672/", description="the RabbitMQ broker"
+    )
+    namespace: Namespace = Field("image", description="prefix of every queue and exchange")
+
+
+def env_of(name: str) -> str:
+    return (ENV_PREFIX + name).upper()
 
 
 def _is_list(info: FieldInfo) -> bool:
@@ -71,12 +82,11 @@ def options_parser(
     not given is left to the environment, then to the model's default)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     for name, info in model.model_fields.items():
-        env = env_of(model, name)
-        default = (
-            ""
-            if info.is_required()
-            else f"; default {info.get_default(call_default_factory=True)!r}"
-        )
+        env = env_of(name)
+        # A default computed by a factory (the host's name) is not computed for the help: the
+        # parser is built at every start.
+        plain_default = not info.is_required() and info.default_factory is None
+        default = f"; default {info.default!r}" if plain_default else ""
         help_text = f"{info.description or ''} (env {env}{default})".strip()
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
         if info.annotation is bool:
@@ -102,7 +112,7 @@ def settings_from(model: type[S], parser: argparse.ArgumentParser, args: argpars
         name = match.group(1)
         parser.exit(
             USAGE_ERROR,
-            f"{parser.prog}: {flag_of(name)} / {env_of(model, name)}: the variable must be JSON"
+            f"{parser.prog}: {flag_of(name)} / {env_of(name)}: the variable must be JSON"
             ' (a list is written ["a", "b"])\n',
         )
 
@@ -110,12 +120,10 @@ def settings_from(model: type[S], parser: argparse.ArgumentParser, args: argpars
 def _fail(
     parser: argparse.ArgumentParser, model: type[BaseSettings], exc: ValidationError
 ) -> NoReturn:
-    by_alias = {env_of(model, name): name for name in model.model_fields}
     lines = []
     for error in exc.errors(include_url=False):
-        loc = str(error["loc"][0]) if error["loc"] else ""
-        name = by_alias.get(loc, loc)
-        where = f"{flag_of(name)} / {env_of(model, name)}" if name in model.model_fields else name
+        name = str(error["loc"][0]) if error["loc"] else ""
+        where = f"{flag_of(name)} / {env_of(name)}" if name in model.model_fields else name
         given = "" if error["type"] == "missing" else f" (got {_redacted(error.get('input'))!r})"
         message = error["msg"].removeprefix("Value error, ")
         lines.append(f"{parser.prog}: {where}: {message}{given}")

@@ -32,16 +32,17 @@ def test_every_field_is_a_flag_with_an_environment_variable(model) -> None:  # t
     flags = {a.option_strings[0] for a in parser._actions if a.option_strings[1:2] != ["--help"]}
     for name in model.model_fields:
         assert flag_of(name) in flags
-        assert env_of(model, name).startswith("IMAGE_")
+        assert env_of(name) == "IMAGE_" + name.upper()
 
 
-def test_shared_connection_settings_use_the_contract_variables() -> None:
+def test_every_process_follows_the_contract_naming_of_variables() -> None:
     for model in (ServiceSettings, AgentSettings, CliSettings):
-        assert env_of(model, "amqp_url") == "IMAGE_AMQP_URL"
-        assert env_of(model, "namespace") == "IMAGE_NAMESPACE"
-    assert env_of(ServiceSettings, "database_url") == "IMAGE_DATABASE_URL"
-    assert env_of(ServiceSettings, "resend_after") == "IMAGE_RESEND_AFTER"
-    assert env_of(AgentSettings, "root") == "IMAGE_AGENT_ROOT"
+        assert {"amqp_url", "namespace"} <= set(model.model_fields)
+    assert env_of("amqp_url") == "IMAGE_AMQP_URL"
+    assert env_of("namespace") == "IMAGE_NAMESPACE"
+    assert env_of("database_url") == "IMAGE_DATABASE_URL"
+    assert env_of("resend_after") == "IMAGE_RESEND_AFTER"
+    assert env_of("root") == "IMAGE_ROOT"
 
 
 def test_defaults_environment_and_flags_in_that_order(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -76,8 +77,8 @@ def test_agent_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None
     assert [str(p) for p in settings.volume_root] == ["/a", "/b"]
     assert settings.fetch.trust_on_first_use is True
     assert settings.capacity == 1000
-    monkeypatch.setenv("IMAGE_AGENT_ROOT", str(tmp_path))
-    monkeypatch.setenv("IMAGE_AGENT_NAME", "bs2")
+    monkeypatch.setenv("IMAGE_ROOT", str(tmp_path))
+    monkeypatch.setenv("IMAGE_NAME", "bs2")
     assert agent_args([]).name == "bs2"
 
 
@@ -114,7 +115,7 @@ def test_agent_needs_root_and_name(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as excinfo:
         agent_args(["--name", "bs1"])
     assert excinfo.value.code == 2
-    assert "--root / IMAGE_AGENT_ROOT: Field required" in capsys.readouterr().err
+    assert "--root / IMAGE_ROOT: Field required" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -156,18 +157,18 @@ def test_errors_never_print_a_password(
     with pytest.raises(SystemExit):
         agent_args(["--name", "n", "--amqp-url", "amqp://user:SECRET@broker/"])
     err = capsys.readouterr().err
-    assert "SECRET" not in err and "--root / IMAGE_AGENT_ROOT: Field required" in err
+    assert "SECRET" not in err and "--root / IMAGE_ROOT: Field required" in err
 
 
 def test_a_list_variable_that_is_not_json_names_its_flag(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setenv("IMAGE_AGENT_VOLUME_ROOT", "/a")
+    monkeypatch.setenv("IMAGE_VOLUME_ROOT", "/a")
     with pytest.raises(SystemExit) as excinfo:
         agent_args(["--root", str(tmp_path), "--name", "n"])
     assert excinfo.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("backup-agent: --volume-root / IMAGE_AGENT_VOLUME_ROOT: "), err
-    monkeypatch.setenv("IMAGE_AGENT_VOLUME_ROOT", '["/a", "/b"]')
+    assert err.startswith("backup-agent: --volume-root / IMAGE_VOLUME_ROOT: "), err
+    monkeypatch.setenv("IMAGE_VOLUME_ROOT", '["/a", "/b"]')
     settings = agent_args(["--root", str(tmp_path), "--name", "n"])
     assert [str(p) for p in settings.volume_root] == ["/a", "/b"]
