@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -19,7 +20,7 @@ from backup_agent.config import AgentSettings
 from backup_agent.conversion import remove_tree
 from backup_agent.fetchers import OpFailure
 from backup_agent.journal import Entry, Journal
-from backup_agent.layout import Layout
+from backup_agent.layout import Layout, PathRejected
 from backup_agent.work import Work
 from image_service.protocol.agent import (
     AgentCommand,
@@ -45,9 +46,10 @@ class Agent:
         self.layout = Layout(settings.root.resolve())
         self.journal = Journal(self.layout.ops)
         self.names = Names(settings.namespace)
-        self.bus = Bus(
-            settings.amqp_url, self.names, connection_name=f"backup-agent {settings.name}"
-        )
+        broker = settings.broker("backup-agent")
+        self.bus = Bus(broker, self.names, connection_name=f"backup-agent {settings.name}")
+        # Contract section 8: commands count only from this broker user.
+        self.service_user = settings.service_user or broker.user
         self.uuid = ""
         self.running: dict[str, asyncio.Task[None]] = {}
         self._heartbeat: asyncio.Task[None] | None = None
@@ -55,8 +57,10 @@ class Agent:
 
     async def start(self) -> None:
         self.layout.prepare()
-        self.uuid = self.layout.identity()
-        self.work = Work(self.settings, self.layout, self.uuid, self.running, self._progress)
+        self.uuid = self.layout.identity(self.settings.backup_storage_uuid)
+        self.work = Work(
+            self.settings, self.layout, self.uuid, self.running, self._progress, self._produced_by
+        )
         await self.bus.connect()
         await self.bus.declare_agent_topology(self.uuid)
         self.journal.prune(JOURNAL_RETENTION)
@@ -93,6 +97,16 @@ class Agent:
     # --- commands ------------------------------------------------------------------------
 
     async def on_command(self, msg: Incoming) -> None:
+        if msg.exchange != "" or msg.user_id != self.service_user:
+            log.warning(
+                "command dropped (message %s): sent by broker user %r through exchange %r;"
+                " commands count only from %r through the default exchange",
+                msg.message_id,
+                msg.user_id,
+                msg.exchange,
+                self.service_user,
+            )
+            return
         try:
             command = parse_command(msg.body)
         except ValidationError as exc:
@@ -166,6 +180,21 @@ class Agent:
         entry = self.journal.finish(op_id, command.model_dump(mode="json"), result)
         await self._publish_result(entry)
 
+    def _produced_by(self, path: Path, op_id: str) -> str | None:
+        """The finished op of the journal, other than `op_id`, that stored the file at `path`.
+        Asked only when a download finds its target taken, so a scan of the journal is fine."""
+        for entry in self.journal.entries():
+            stored = entry.result.stored if entry.result is not None else None
+            if stored is None or entry.op_id == op_id or entry.command is None:
+                continue
+            image_uuid = str(entry.command.get("imageUuid", ""))
+            try:
+                if self.layout.resolve_install_path(stored.installPath, image_uuid) == path:
+                    return entry.op_id
+            except PathRejected:
+                continue
+        return None
+
     # --- publishing ----------------------------------------------------------------------
 
     async def _publish_result(self, entry: Entry) -> None:
@@ -195,7 +224,6 @@ class Agent:
                 self.names.events,
                 event.routing_key,
                 event.model_dump_json().encode(),
-                persistent=False,
             )
 
     async def _heartbeat_loop(self) -> None:

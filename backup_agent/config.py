@@ -14,6 +14,7 @@ from typing import Annotated
 from pydantic import Field
 
 from backup_agent.fetchers import FetchSettings
+from image_service.protocol.agent import Uuid32
 from image_service.protocol.config import BusSettings, LogLevel
 
 Seconds = Annotated[float, Field(gt=0, le=3600)]
@@ -23,6 +24,11 @@ class AgentSettings(BusSettings):
     root: Path = Field(description="where images are stored (created when missing)")
     name: Annotated[str, Field(min_length=1, max_length=255)] = Field(
         description="the backup storage's name"
+    )
+    backup_storage_uuid: Uuid32 | None = Field(
+        None,
+        description="this backup storage's uuid, as its broker user was enrolled for"
+        " (deploy/rabbitmq/setup-users.sh add-agent); default: a new one on first start",
     )
     heartbeat_interval: Seconds = Field(10.0, description="seconds between heartbeats")
     hostname: Annotated[str, Field(min_length=1, max_length=255)] = Field(
@@ -50,6 +56,11 @@ class AgentSettings(BusSettings):
     connect_timeout: Seconds = Field(15.0, description="seconds to connect to an image source")
     stall_timeout: Seconds = Field(
         30.0, description="a source that sends nothing for this long fails the download"
+    )
+    service_user: Annotated[str, Field(min_length=1, max_length=255)] | None = Field(
+        None,
+        description="the only broker user whose commands are obeyed (default: the user of"
+        " --amqp-url, so that one shared development account keeps working)",
     )
     log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")
 

@@ -16,6 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+class IdentityMismatch(Exception):
+    """The directory is another backup storage's."""
+
+
 class PathRejected(ValueError):
     """An install path outside this agent's templates directory."""
 
@@ -69,21 +73,28 @@ class Layout:
         for directory in (self.templates, self.ops, self.partial):
             directory.mkdir(parents=True, exist_ok=True)
 
-    def identity(self) -> str:
-        """This backup storage's uuid: created on first start, then read back."""
+    def identity(self, expected: str | None = None) -> str:
+        """This backup storage's uuid: `expected` (the one its broker user was enrolled for)
+        or a new one on first start, then read back; a directory that already belongs to
+        another backup storage is refused (IdentityMismatch)."""
         path = self.state / "identity.json"
         if path.exists():
-            value = json.loads(path.read_text())["uuid"]
-            return str(value)
-        new = uuid.uuid4().hex
+            value = str(json.loads(path.read_text())["uuid"])
+            if expected is not None and value != expected:
+                raise IdentityMismatch(
+                    f"{self.root} is backup storage {value}, not {expected} (--backup-storage-uuid)"
+                )
+            return value
+        new = expected or uuid.uuid4().hex
         write_atomically(path, json.dumps({"uuid": new}).encode())
         return new
 
     def partial_path(self, op_id: str) -> Path:
         return self.partial / str(uuid.UUID(op_id))
 
-    def resolve_install_path(self, install_path: str) -> Path:
-        """The stored file an install path names, only if it lies inside templates/."""
+    def resolve_install_path(self, install_path: str, image_uuid: str) -> Path:
+        """The stored file an install path names, only if it lies in the directory of image
+        `image_uuid` under templates/: a command about one image never touches another's file."""
         path = Path(os.path.normpath(install_path))
         if not path.is_absolute():
             path = Path(os.path.normpath(self.root / install_path))
@@ -96,6 +107,8 @@ class Layout:
             raise PathRejected(f"{install_path} is outside {templates}") from None
         if len(relative.parts) < 2 or any(part in ("", ".", "..") for part in relative.parts):
             raise PathRejected(f"{install_path} is not a template path")
+        if relative.parts[0] != image_uuid:
+            raise PathRejected(f"{install_path} is not in the directory of image {image_uuid}")
         return templates / relative
 
     def used_bytes(self) -> int:

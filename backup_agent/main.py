@@ -8,7 +8,8 @@ import signal
 
 from backup_agent.agent import Agent
 from backup_agent.config import AgentSettings
-from image_service.protocol.config import options_parser, settings_from
+from backup_agent.layout import IdentityMismatch
+from image_service.protocol.config import exit_with, options_parser, settings_from
 
 
 def parse_args(argv: list[str] | None = None) -> AgentSettings:
@@ -34,7 +35,10 @@ async def _run(settings: AgentSettings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    asyncio.run(_run(parse_args(argv)))
+    try:
+        asyncio.run(_run(parse_args(argv)))
+    except IdentityMismatch as exc:
+        exit_with("backup-agent", str(exc), 2)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ from image_service.protocol.errors import ErrorCode
 log = logging.getLogger(__name__)
 
 ReportProgress = Callable[[str, int, int | None], Awaitable[None]]
+# The op (other than the given one) whose finished result stored the file at a path, if any.
+ProducedBy = Callable[[Path, str], str | None]
 
 
 class Work:
@@ -43,6 +45,7 @@ class Work:
         backup_storage_uuid: str,
         running: dict[str, asyncio.Task[None]],
         report_progress: ReportProgress,
+        produced_by: ProducedBy,
     ) -> None:
         self.settings = settings
         self.layout = layout
@@ -50,6 +53,7 @@ class Work:
         # The agent's running ops, by op id: a delete cancels those it names.
         self.running = running
         self._report_progress = report_progress
+        self._produced_by = produced_by
         self._downloads = asyncio.Semaphore(settings.max_downloads)
 
     async def run(self, command: AgentCommand) -> AgentResult:
@@ -61,7 +65,7 @@ class Work:
 
     def _target(self, command: DownloadCommand | CreateCommand) -> Path:
         try:
-            return self.layout.resolve_install_path(command.installPath)
+            return self.layout.resolve_install_path(command.installPath, command.imageUuid)
         except PathRejected as exc:
             raise OpFailure(ErrorCode.INVALID_ARGUMENT, str(exc)) from None
 
@@ -81,11 +85,19 @@ class Work:
     ) -> AgentResult:
         """Inspect a finished partial file and move it into place; the op's result."""
         facts = await inspect_image(partial, command.format)
+        if final.exists():
+            producer = self._produced_by(final, command.opId)
+            if producer is not None:
+                raise OpFailure(
+                    ErrorCode.OPERATION_ERROR,
+                    f"{command.installPath} already holds the image that op {producer} stored",
+                )
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(partial, final)
         fsync_dir(final.parent)
         stored = StoredFile(
-            installPath=str(final),
+            # The path as the command named it: the service records only that one.
+            installPath=command.installPath,
             size=size,
             actualSize=facts.actual_size,
             virtualSize=facts.virtual_size,
@@ -155,7 +167,7 @@ class Work:
                 await asyncio.gather(task, return_exceptions=True)
             self.layout.partial_path(cancel_id).unlink(missing_ok=True)
         try:
-            path = self.layout.resolve_install_path(command.installPath)
+            path = self.layout.resolve_install_path(command.installPath, command.imageUuid)
         except PathRejected as exc:
             log.error("delete of %s refused: %s", command.installPath, exc)
         else:

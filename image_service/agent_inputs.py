@@ -1,10 +1,17 @@
 """What agents tell the service: results of their ops (`NS.results`) and heartbeats
 (`NS.heartbeats`). Each is validated with the protocol's model; an invalid one is logged and
-dropped (acked), since sending it again would not make it valid."""
+dropped (acked), since sending it again would not make it valid.
+
+Who sent it is proven by the broker-validated `user_id` (contract section 8): a backup storage
+belongs to the broker user of its first heartbeat (one the `--agent-user-pattern` admits), and
+only that user's heartbeats and results count for it. Anything else is dropped with a log line
+and changes nothing.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 
 from pydantic import ValidationError
 
@@ -19,28 +26,64 @@ from image_service.protocol.transport import Bus, Incoming
 log = logging.getLogger(__name__)
 
 
+def _sender(msg: Incoming, what: str) -> str | None:
+    if msg.exchange != "":
+        # Published to an exchange bound to this queue, not straight to the queue: not an
+        # agent's (agents publish to the default exchange).
+        log.warning("%s dropped: it came through exchange %r", what, msg.exchange[:255])
+        return None
+    if not msg.user_id:
+        log.warning("%s dropped: it has no user_id, so its sender is unknown", what)
+        return None
+    return msg.user_id
+
+
 class AgentInputs:
-    def __init__(self, transactions: Transactions, bus: Bus) -> None:
+    def __init__(self, transactions: Transactions, bus: Bus, agent_users: re.Pattern[str]) -> None:
         self.transactions = transactions
         self.bus = bus
+        self.agent_users = agent_users
 
     async def on_result(self, msg: Incoming) -> None:
+        user = _sender(msg, f"agent result {msg.message_id}")
+        if user is None:
+            return
         try:
             result = AgentResult.model_validate_json(msg.body)
         except ValidationError as exc:
             log.warning("malformed agent result dropped: %s", validation_details(exc))
             return
         async with self.transactions.open() as ctx:
-            await apply_result(ctx, result)
+            await apply_result(ctx, result, sender=user)
 
     async def on_heartbeat(self, msg: Incoming) -> None:
+        user = _sender(msg, "heartbeat")
+        if user is None:
+            return
         try:
             beat = Heartbeat.model_validate_json(msg.body)
         except ValidationError as exc:
             log.warning("malformed heartbeat dropped: %s", validation_details(exc))
             return
         async with self.transactions.open() as ctx:
-            old_status = await ctx.tx.backup_storages.status_for_update(beat.uuid)
+            owner = await ctx.tx.backup_storages.owner_for_update(beat.uuid)
+            owned_by = owner.agent_user if owner is not None else None
+            if owned_by is None and not self.agent_users.fullmatch(user):
+                log.warning(
+                    "heartbeat of backup storage %s dropped: broker user %r may not register"
+                    " backup storages (--agent-user-pattern)",
+                    beat.uuid,
+                    user,
+                )
+                return
+            if owned_by is not None and owned_by != user:
+                log.warning(
+                    "heartbeat of backup storage %s from broker user %r dropped: it belongs to %r",
+                    beat.uuid,
+                    user,
+                    owned_by,
+                )
+                return
             inserted = await ctx.tx.backup_storages.heartbeat(
                 uuid=beat.uuid,
                 name=beat.name,
@@ -49,10 +92,16 @@ class AgentInputs:
                 total_capacity=beat.totalCapacity,
                 available_capacity=beat.availableCapacity,
                 heartbeat_interval=beat.heartbeatInterval,
+                agent_user=user,
             )
             if inserted is None:
-                log.info("heartbeat of deleted backup storage %s ignored", beat.uuid)
+                log.info(
+                    "heartbeat of deleted (or another user's) backup storage %s ignored", beat.uuid
+                )
                 return
+            if inserted:
+                log.info("backup storage %s registered by broker user %r", beat.uuid, user)
+            old_status = owner.status if owner is not None else None
             connected = BackupStorageStatus.Connected
             changed = inserted if old_status is None else old_status is not connected
             if changed:

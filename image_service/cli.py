@@ -112,7 +112,7 @@ class ProgressBar:
 
 
 async def run(settings: CliSettings, api: str, params: dict[str, Any]) -> dict[str, Any]:
-    client = ApiClient(settings.amqp_url, Names(settings.namespace))
+    client = ApiClient(settings.broker("image-cli"), Names(settings.namespace))
     await client.connect()
     bar: ProgressBar | None = None
     try:

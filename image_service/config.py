@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 from pydantic import AfterValidator, Field
@@ -12,6 +13,14 @@ from image_service.protocol.config import BusSettings, LogLevel
 def _postgres_url(value: str) -> str:
     if not value.startswith(("postgresql://", "postgres://")):
         raise ValueError("must start with postgresql://")
+    return value
+
+
+def _regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"not a regular expression: {exc}") from None
     return value
 
 
@@ -38,4 +47,16 @@ class ServiceSettings(BusSettings):
     prefetch: Annotated[int, Field(ge=1, le=1000)] = Field(
         16, description="deliveries each consumer handles at once"
     )
+    query_timeout: Seconds = Field(
+        10.0, description="seconds a query may run before it is cancelled (TIMEOUT)"
+    )
+    agent_user_pattern: Annotated[str, AfterValidator(_regex)] = Field(
+        ".*",
+        description="broker users allowed to register a new backup storage (a regular"
+        " expression the whole user name must match)",
+    )
     log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")
+
+    @property
+    def agent_users(self) -> re.Pattern[str]:
+        return re.compile(self.agent_user_pattern)

@@ -50,8 +50,9 @@ async def schedule_delete(
     await ctx.outbox.command(command)
 
 
-async def apply_result(ctx: Ctx, result: AgentResult) -> None:
-    """Apply one agent result. Zero rows from a guard means it is stale or a duplicate."""
+async def apply_result(ctx: Ctx, result: AgentResult, *, sender: str) -> None:
+    """Apply one agent result, published by broker user `sender`, if it matches its command
+    (contract section 8). Zero rows from a guard means it is stale or a duplicate."""
     op_id = uuid.UUID(result.opId)
     op = await ctx.tx.ops.get(op_id)
     if op is None:
@@ -60,8 +61,20 @@ async def apply_result(ctx: Ctx, result: AgentResult) -> None:
     if op.backup_storage_uuid != result.backupStorageUuid:
         log.warning("result for op %s from the wrong backup storage dropped", op_id)
         return
+    owner = await ctx.tx.backup_storages.agent_user(op.backup_storage_uuid)
+    if owner != sender:
+        log.warning(
+            "result for op %s dropped: sent by broker user %r, backup storage %s belongs to %r",
+            op_id,
+            sender,
+            op.backup_storage_uuid,
+            owner,
+        )
+        return
     await ctx.tx.images.lock(op.image_uuid)  # serialise with other work on this image
     stored = result.stored
+    expected_path = str(op.command.get("installPath", ""))
+    misplaced = False
     if result.success and op.kind is not OpKind.delete and stored is None:
         # The agent would answer the same again at every re-send: fail the op, so that its
         # caller gets a reply instead of waiting for the backup storage to disconnect.
@@ -72,6 +85,22 @@ async def apply_result(ctx: Ctx, result: AgentResult) -> None:
             ErrorCode.OPERATION_ERROR,
             "the agent reported success without the stored file",
         )
+    elif stored is not None and stored.installPath != expected_path:
+        # Never record a path the command did not name (it could be any file of the host).
+        # The file the command named may exist: remove it.
+        log.warning(
+            "result for op %s names %r, not the command's installPath: op failed",
+            op_id,
+            stored.installPath[:300],
+        )
+        result = AgentResult.failed(
+            result.opId,
+            result.backupStorageUuid,
+            ErrorCode.OPERATION_ERROR,
+            "the agent reported a file other than the one the command named",
+        )
+        stored = None
+        misplaced = True
     if op.kind is OpKind.delete and not result.success:
         # Keep the delete Pending so the reconciler retries it; release the waiting caller.
         await ctx.tx.ops.note_failure(
@@ -103,6 +132,11 @@ async def apply_result(ctx: Ctx, result: AgentResult) -> None:
             await ctx.tx.images.delete_ref(
                 image_uuid=op.image_uuid, backup_storage_uuid=result.backupStorageUuid
             )
+            if misplaced:
+                # The agent believes it stored the image: the named file may exist.
+                await schedule_delete(
+                    ctx, op.image_uuid, op.backup_storage_uuid, expected_path, message_id=None
+                )
     await settle_message(ctx, op.message_id)
 
 

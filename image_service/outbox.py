@@ -25,7 +25,7 @@ class Outbox:
             exchange=self.names.events,
             routing_key=event.routing_key,
             body=event.model_dump(mode="json"),
-            persistent=False,
+            persistent=True,
         )
 
     async def command(self, command: AgentCommand) -> None:
@@ -53,7 +53,7 @@ class Outbox:
             routing_key=reply_to,
             body=body,
             correlation_id=correlation_id,
-            persistent=False,
+            persistent=True,
         )
 
 

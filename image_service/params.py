@@ -187,10 +187,15 @@ class Condition(BaseModel):
     value: Any = None
 
 
+# Contract section 8: bounds on every query.
+MAX_CONDITIONS = 64
+MAX_INT32 = 2**31 - 1
+
+
 class Query(Params):
-    conditions: Annotated[list[Condition], Field(max_length=100)] = []
-    limit: Annotated[int, Field(ge=1, le=10000)] = 1000
-    start: Annotated[int, Field(ge=0)] = 0
+    conditions: Annotated[list[Condition], Field(max_length=MAX_CONDITIONS)] = []
+    limit: Annotated[int, Field(ge=0, le=MAX_INT32)] = 1000
+    start: Annotated[int, Field(ge=0, le=MAX_INT32)] = 0
     count: bool = False
     replyWithCount: bool = False
     sortBy: Annotated[str, Field(max_length=128)] | None = None

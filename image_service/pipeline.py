@@ -10,6 +10,7 @@ built here, once per message. Queries take a shorter path with the same guarante
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -26,11 +27,14 @@ from image_service.outbox import Outbox, encode
 from image_service.params import Envelope
 from image_service.protocol.errors import validation_details
 from image_service.protocol.names import Names
-from image_service.protocol.transport import Bus, Incoming, PublishRejected, RetryLater, Unroutable
+from image_service.protocol.transport import Bus, Incoming, PublishRejected, RetryLater
 from image_service.replies import error_reply, finish_message, success_reply
 from image_service.store import CONNECTION_ERRORS, Store, Tx
 
 log = logging.getLogger(__name__)
+
+MAX_PARAMS = 64
+QUERY_TIMEOUT = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +44,8 @@ class Ctx:
     tx: Tx
     outbox: Outbox
     message_id: str
+    # Seconds a query may run before it is cancelled (TIMEOUT, contract section 8).
+    query_timeout: float = QUERY_TIMEOUT
 
 
 class AwaitOps:
@@ -65,9 +71,10 @@ class Transactions:
     """Opens the transaction every message and loop runs in. Its commit wakes the relay; a
     lost database becomes RetryLater (the bus keeps the delivery and tries again)."""
 
-    def __init__(self, store: Store, names: Names) -> None:
+    def __init__(self, store: Store, names: Names, *, query_timeout: float = QUERY_TIMEOUT) -> None:
         self.store = store
         self.names = names
+        self.query_timeout = query_timeout
         self.committed = asyncio.Event()
         # Since when this replica has been consuming heartbeats: silence before says nothing.
         self.heard_since = time.monotonic()
@@ -81,7 +88,7 @@ class Transactions:
     async def open(self, message_id: str = "") -> AsyncIterator[Ctx]:
         try:
             async with self.store.transaction() as tx:
-                yield Ctx(tx, Outbox(tx, self.names), message_id)
+                yield Ctx(tx, Outbox(tx, self.names), message_id, self.query_timeout)
         except CONNECTION_ERRORS as exc:
             raise self.database_lost(exc) from exc
         self.committed.set()
@@ -119,6 +126,13 @@ class Pipeline:
 
     async def on_api(self, msg: Incoming) -> None:
         message_id = msg.message_id or f"generated-{uuid.uuid4().hex}"
+        if msg.reply_to and self.transactions.names.is_internal(msg.reply_to):
+            log.warning(
+                "message %s names the internal queue %s as reply_to: it gets no reply",
+                message_id,
+                msg.reply_to[:300],
+            )
+            msg = dataclasses.replace(msg, reply_to=None)
         if msg.message_id is None:
             log.warning("API message without message_id: it cannot be deduplicated")
         correlation_id = msg.correlation_id or msg.message_id
@@ -165,7 +179,9 @@ class Pipeline:
         transactions = self.transactions
         try:
             async with transactions.store.autocommit() as tx:
-                ctx = Ctx(tx, Outbox(tx, transactions.names), message_id)
+                ctx = Ctx(
+                    tx, Outbox(tx, transactions.names), message_id, transactions.query_timeout
+                )
                 body = await self._run(ctx, envelope, isolated=False)
                 assert not isinstance(body, AwaitOps), "a read-only API never waits for agents"
                 payload = encode(body)
@@ -187,15 +203,10 @@ class Pipeline:
             return
         try:
             await self.bus.publish_reply(msg.reply_to, payload, correlation_id=correlation_id)
-        except Unroutable as exc:
-            # No queue by that name: the caller went away (or never was). Nobody to answer.
-            log.warning("reply to %s dropped: %s", message_id, exc)
         except PublishRejected as exc:
-            # The reply connection was closed under it: by this message's own forged reply-to,
-            # or by another one's. The outbox relay retries it, and drops what is refused twice.
-            log.warning("reply to %s not published (%s); handed to the outbox", message_id, exc)
-            async with transactions.open(message_id) as ctx:
-                await ctx.outbox.reply(msg.reply_to, correlation_id, body)
+            # No queue by that name (the caller went away, or never was), or a forged direct
+            # reply-to name that the broker refused on its own: only this reply is lost.
+            log.warning("reply to %s dropped: %s", message_id, exc)
 
     async def _run(self, ctx: Ctx, envelope: Envelope, *, isolated: bool = True) -> Outcome:
         """Run one API. `isolated`: inside a savepoint, so that a handler that fails leaves
@@ -206,6 +217,12 @@ class Pipeline:
             known = ", ".join(sorted(self.apis))
             return error_reply(name, ApiError(ErrorCode.UNKNOWN_API, f"{name!r}; known: {known}"))
         try:
+            if len(envelope.params) > MAX_PARAMS:
+                # No API has that many: refuse before validation lists each unknown one.
+                raise ApiError(
+                    ErrorCode.INVALID_ARGUMENT,
+                    f"params: {len(envelope.params)} parameters; no API takes more than {MAX_PARAMS}",
+                )
             try:
                 # JSON-mode validation: strict types, with enums given as their strings.
                 params = api.model.model_validate_json(json.dumps(envelope.params))

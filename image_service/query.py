@@ -56,11 +56,13 @@ class Column:
 
 @dataclass(frozen=True, slots=True)
 class Nested:
-    """A related inventory reachable as `prefix.FIELD`; `exists` has `{a}` (outer alias),
-    `{n}` (nested alias) and must end in a WHERE clause that the condition is ANDed onto."""
+    """A related inventory reachable as `prefix.FIELD`: the rows of `source` (with `{n}` the
+    nested alias) whose `key` is the outer row's uuid and that pass `scope`."""
 
     entity: Entity
-    exists: str
+    source: str
+    key: str
+    scope: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +71,8 @@ class Entity:
     columns: dict[str, Column]
     default_order: tuple[str, ...] = ("createDate", "uuid")
     nested: dict[str, Nested] = field(default_factory=dict)
-    tag_exists: str | None = None
+    # `__userTag__` conditions: the entity's user tags.
+    tags: Nested | None = None
 
 
 def _c(sql: str, kind: Kind, *choices: str, pg_enum: str | None = None) -> Column:
@@ -133,6 +136,19 @@ VOLUME = Entity(
     },
 )
 
+USER_TAG = Entity(
+    table="user_tag",
+    columns={
+        "uuid": _c("uuid", Kind.UUID),
+        "resourceType": _c("resource_type", Kind.TEXT),
+        "resourceUuid": _c("resource_uuid", Kind.UUID),
+        "tag": _c("tag", Kind.TEXT),
+        "type": _c("type", Kind.TEXT),
+        "createDate": _c("create_date", Kind.DATE),
+        "lastOpDate": _c("last_op_date", Kind.DATE),
+    },
+)
+
 IMAGE = Entity(
     table="image",
     columns={
@@ -158,36 +174,26 @@ IMAGE = Entity(
     nested={
         "backupStorage": Nested(
             BACKUP_STORAGE,
-            "SELECT 1 FROM image_backup_storage_ref r_ JOIN backup_storage {n} "
-            "ON {n}.uuid = r_.backup_storage_uuid WHERE r_.image_uuid = {a}.uuid",
+            "image_backup_storage_ref r_{n} JOIN backup_storage {n} "
+            "ON {n}.uuid = r_{n}.backup_storage_uuid",
+            "r_{n}.image_uuid",
         ),
         "backupStorageRef": Nested(
-            BACKUP_STORAGE_REF,
-            "SELECT 1 FROM image_backup_storage_ref {n} WHERE {n}.image_uuid = {a}.uuid",
+            BACKUP_STORAGE_REF, "image_backup_storage_ref {n}", "{n}.image_uuid"
         ),
-        "volume": Nested(
-            VOLUME,
-            "SELECT 1 FROM volume {n} WHERE {n}.root_image_uuid = {a}.uuid AND NOT {n}.deleted",
-        ),
+        "volume": Nested(VOLUME, "volume {n}", "{n}.root_image_uuid", "NOT {n}.deleted"),
     },
-    tag_exists="SELECT 1 FROM user_tag t_ WHERE t_.resource_uuid = {a}.uuid",
-)
-
-USER_TAG = Entity(
-    table="user_tag",
-    columns={
-        "uuid": _c("uuid", Kind.UUID),
-        "resourceType": _c("resource_type", Kind.TEXT),
-        "resourceUuid": _c("resource_uuid", Kind.UUID),
-        "tag": _c("tag", Kind.TEXT),
-        "type": _c("type", Kind.TEXT),
-        "createDate": _c("create_date", Kind.DATE),
-        "lastOpDate": _c("last_op_date", Kind.DATE),
-    },
+    tags=Nested(USER_TAG, "user_tag {n}", "{n}.resource_uuid"),
 )
 
 # The inventory field names a `fields` list may name, beyond the columns.
 EXTRA_FIELDS = {"image": ("backupStorageRefs",)}
+
+# Nested conditions beyond this many become hashed subplans instead of semi-joins: PostgreSQL
+# plans joins in time that grows steeply with their number (64 semi-joins: over a second of
+# planning), subplans in linear time. The first few stay joins, so that a selective nested
+# condition (volume.vmInstanceUuid=X) still starts from its index.
+MAX_JOINED = 4
 
 COMPARISONS = {"=": "=", "!=": "<>", ">": ">", ">=": ">=", "<": "<", "<=": "<="}
 ALL_OPS = (*COMPARISONS, "?=", "!?=", "~=", "!~=", "is null", "not null")
@@ -244,6 +250,7 @@ class _Compiler:
     def __init__(self) -> None:
         self.args: list[Any] = []
         self.aliases = 0
+        self.joined = 0
 
     def bind(self, value: Any) -> str:
         self.args.append(value)
@@ -281,21 +288,31 @@ class _Compiler:
             return f"{col} {COMPARISONS[op]} {placeholder}::{typ}"
         raise _bad(f"conditions: {name}: unknown op {op!r} (one of {', '.join(ALL_OPS)})")
 
+    def related(self, nested: Nested, ref: str, name: str, column: str, cond: Condition) -> str:
+        """The outer row has a related row that passes the condition."""
+        alias = self.alias()
+        pred = self.predicate(alias, name, nested.entity.columns[column], cond.op, cond.value)
+        source = nested.source.format(n=alias)
+        key = nested.key.format(n=alias)
+        where = " AND ".join(filter(None, [nested.scope.format(n=alias), pred]))
+        self.joined += 1
+        if self.joined <= MAX_JOINED:
+            return f"EXISTS (SELECT 1 FROM {source} WHERE {key} = {ref}.uuid AND {where})"
+        # Not at the top level of WHERE (IS TRUE), so the planner keeps it a subplan.
+        return f"({ref}.uuid IN (SELECT {key} FROM {source} WHERE {where})) IS TRUE"
+
     def condition(self, entity: Entity, ref: str, cond: Condition) -> str:
-        name, op = cond.name, cond.op
-        if name == "__userTag__" and entity.tag_exists:
-            pred = self.predicate("t_", name, Column("tag", Kind.TEXT), op, cond.value)
-            return f"EXISTS ({entity.tag_exists.format(a=ref)} AND {pred})"
+        name = cond.name
+        if name == "__userTag__" and entity.tags is not None:
+            return self.related(entity.tags, ref, name, "tag", cond)
         if name in entity.columns:
-            return self.predicate(ref, name, entity.columns[name], op, cond.value)
+            return self.predicate(ref, name, entity.columns[name], cond.op, cond.value)
         prefix, dot, rest = name.partition(".")
         if dot and prefix in entity.nested:
             nested = entity.nested[prefix]
             if rest not in nested.entity.columns:
                 raise _bad(f"conditions: unknown field {name!r}")
-            alias = self.alias()
-            pred = self.predicate(alias, name, nested.entity.columns[rest], op, cond.value)
-            return f"EXISTS ({nested.exists.format(a=ref, n=alias)} AND {pred})"
+            return self.related(nested, ref, name, rest, cond)
         raise _bad(f"conditions: unknown field {name!r}")
 
 
@@ -306,6 +323,8 @@ class CompiledQuery:
     args: list[Any]
     count_args: list[Any]
     fields: tuple[str, ...] | None
+    # Conditions on related inventories and tags (each a subquery).
+    related: int = 0
 
 
 def compile_query(entity: Entity, query: Query, key: str = "uuid") -> CompiledQuery:
@@ -337,4 +356,6 @@ def compile_query(entity: Entity, query: Query, key: str = "uuid") -> CompiledQu
             if name not in allowed:
                 raise _bad(f"fields: unknown field {name!r}")
         fields = tuple(query.fields)
-    return CompiledQuery(select_sql, count_sql, compiler.args, count_args, fields)
+    return CompiledQuery(
+        select_sql, count_sql, compiler.args, count_args, fields, related=compiler.joined
+    )

@@ -16,12 +16,18 @@ from image_service.outbox import encode
 from image_service.pipeline import Transactions
 from image_service.protocol.transport import Bus, PublishRejected
 from image_service.store import CONNECTION_ERRORS
+from image_service.store.rows import OutboxRow
 
 log = logging.getLogger(__name__)
 
 BATCH = 100
 # A row the broker refuses this many times (a forged reply-to) is dropped, not retried forever.
 MAX_REJECTIONS = 2
+
+
+def _is_reply(row: OutboxRow) -> bool:
+    """Outbox.reply rows: to the default exchange without a message id (commands have one)."""
+    return row.exchange == "" and row.message_id is None
 
 
 class Relay:
@@ -51,14 +57,21 @@ class Relay:
             done: list[int] = []
             try:
                 for row in rows:
-                    await self.bus.publish(
-                        row.exchange,
-                        row.routing_key,
-                        encode(row.body),
-                        correlation_id=row.correlation_id,
-                        message_id=row.message_id,
-                        persistent=row.persistent,
-                    )
+                    try:
+                        await self.bus.publish(
+                            row.exchange,
+                            row.routing_key,
+                            encode(row.body),
+                            correlation_id=row.correlation_id,
+                            message_id=row.message_id,
+                            persistent=row.persistent,
+                        )
+                    except PublishRejected as exc:
+                        if not _is_reply(row):
+                            raise
+                        # A reply the broker refused by itself (its caller is gone, or never
+                        # was): only this reply is lost, nothing waits behind it.
+                        log.warning("relay: reply to %s dropped: %s", row.routing_key, exc)
                     done.append(row.id)
             except PublishRejected as exc:
                 log.warning("relay: the broker refused a message: %s", exc)

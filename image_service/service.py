@@ -37,7 +37,7 @@ class ImageService:
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
         self.names = Names(settings.namespace)
-        self.bus = Bus(settings.amqp_url, self.names)
+        self.bus = Bus(settings.broker("image-service"), self.names)
         self._tasks: list[asyncio.Task[None]] = []
         self._relay: Relay | None = None
         self._store: Store | None = None
@@ -48,7 +48,7 @@ class ImageService:
         await store.migrate()
         await self.bus.connect()
         await self.bus.declare_topology()
-        transactions = Transactions(store, self.names)
+        transactions = Transactions(store, self.names, query_timeout=settings.query_timeout)
         self._relay = Relay(transactions, self.bus)
         monitor = Monitor(
             transactions,
@@ -64,7 +64,7 @@ class ImageService:
             asyncio.create_task(_forever("monitor", monitor.run)),
             asyncio.create_task(_forever("pruning", pruner.run)),
         ]
-        agents = AgentInputs(transactions, self.bus)
+        agents = AgentInputs(transactions, self.bus, settings.agent_users)
         volumes = VolumeEvents(transactions)
         pipeline = Pipeline(transactions, self.bus, APIS, settle_message)
         prefetch = settings.prefetch

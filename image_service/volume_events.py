@@ -28,6 +28,11 @@ class VolumeEvents:
         self.transactions = transactions
 
     async def on_event(self, msg: Incoming) -> None:
+        if msg.exchange != self.transactions.names.events:
+            # Sent straight to the queue rather than through NS.events, where the broker's topic
+            # permissions say who may publish `volume.*` (contract section 8).
+            log.warning("event dropped: published to %r, not to the events exchange", msg.exchange)
+            return
         kind, _, rest = (msg.routing_key or "").partition(".")
         action, _, key_uuid = rest.partition(".")
         model = _MODELS.get(kind)

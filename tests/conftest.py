@@ -28,12 +28,15 @@ from aiohttp import web
 from image_service.api import APIS
 from image_service.outbox import encode
 from image_service.pipeline import Ctx, Pipeline, Transactions, parse_envelope
+from image_service.protocol.broker import Broker
 from image_service.protocol.client import ApiClient
 from image_service.protocol.names import Names
 from image_service.store import Store
 from image_service.store.migrations import available_migrations, migrate
 
 AMQP_URL = os.environ.get("TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+# The broker user of AMQP_URL: the one account the test stacks' service and agents share.
+TEST_USER = Broker.plain(AMQP_URL).user
 PG_URL = os.environ.get("TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432")
 HEARTBEAT = 0.5
 

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import aio_pika
 import asyncpg
 
-from tests.conftest import AMQP_URL, Agent, EventRecorder, Stack, wait_for
+from tests.conftest import AMQP_URL, TEST_USER, Agent, EventRecorder, Stack, wait_for
 
 __all__ = [
     "BARRIER_BINDING",
@@ -139,14 +139,28 @@ async def queue_counts(name: str) -> tuple[int, int]:
         return int(result.message_count or 0), int(result.consumer_count or 0)
 
 
-async def publish(routing_key: str, body: bytes, **properties: Any) -> None:
+async def publish(
+    routing_key: str,
+    body: bytes,
+    *,
+    url: str = AMQP_URL,
+    user_id: str | None = TEST_USER,
+    **properties: Any,
+) -> None:
     """Publish straight to the default exchange, bypassing the service's and agents' own
-    clients: for messages they would never send."""
-    connection = await aio_pika.connect(AMQP_URL)
+    clients: for messages they would never send. By default as the broker user that the test
+    stack's service and agents share (development's one account), so that the message passes
+    as theirs; `user_id=None` sends it unsigned."""
+    connection = await aio_pika.connect(url)
     async with connection:
         channel = await connection.channel(publisher_confirms=True)
         await channel.default_exchange.publish(
-            aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, **properties),
+            aio_pika.Message(
+                body,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                user_id=user_id,
+                **properties,
+            ),
             routing_key=routing_key,
             timeout=10,
         )

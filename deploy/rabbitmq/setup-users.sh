@@ -1,76 +1,114 @@
 #!/bin/sh
-# Create the broker users of the image service, each with the least privilege it needs, on
-# one vhost. Run it where `rabbitmqctl` reaches the broker (on a node, as root or rabbitmq):
+# The broker users of the image service, each with the least privilege it needs, on one vhost
+# (contract section 8; deploy/README.md section 1). Run it where `rabbitmqctl` reaches the
+# broker (on a node, as root or rabbitmq):
 #
-#   IMAGE_SERVICE_PASSWORD=... BACKUP_AGENT_PASSWORD=... IMAGE_CLI_PASSWORD=... \
-#       deploy/rabbitmq/setup-users.sh [--vhost images] [--namespace image]
+#   deploy/rabbitmq/setup-users.sh [init]             the vhost, image-service and image-cli
+#   deploy/rabbitmq/setup-users.sh add-agent UUID     enrol one storage host: its own user
+#   deploy/rabbitmq/setup-users.sh remove-agent UUID  a host is retired or compromised
 #
-# A password that is not given is generated and printed once. Idempotent: the vhost and the
-# users are created when missing, passwords are (re)set when given, permissions always set.
-# Environment: IMAGE_VHOST (default images), IMAGE_NAMESPACE (default image), RABBITMQCTL
-# (default rabbitmqctl; e.g. "rabbitmqctl -n rabbit@rabbitmq" from another container).
+# Options (or environment): --vhost V (IMAGE_VHOST, default images), --namespace NS
+# (IMAGE_NAMESPACE, default image), --user-prefix P (IMAGE_USER_PREFIX, default empty: the
+# users are P+image-service, P+image-cli, P+backup-agent-UUID), --external (IMAGE_EXTERNAL=1:
+# users get no password and log in with a client certificate naming them, RabbitMQ's EXTERNAL
+# mechanism). RABBITMQCTL (default rabbitmqctl; e.g. "rabbitmqctl -n rabbit@rabbitmq").
 #
-# What each user may touch (NS = the namespace; see docs/PROTOCOL.md and deploy/README.md):
-#   image-service  declares NS.api, NS.results, NS.heartbeats, NS.volume-events, NS.dead,
-#                  NS.agent.*, NS.events; consumes its queues; publishes replies and agent
-#                  commands (default exchange) and events (NS.events: image.*, backupStorage.*).
-#   backup-agent   declares NS.results, NS.heartbeats, NS.dead, NS.events and its NS.agent.<uuid>;
-#                  consumes NS.agent.<uuid>; publishes results and heartbeats (default exchange)
-#                  and progress events (NS.events: image.progress.* only).
-#   image-cli      declares its own server-named reply queue (amq.gen-*) and NS.events; publishes
-#                  API requests to the default exchange; binds to NS.events for progress.
+# Passwords come from IMAGE_SERVICE_PASSWORD, IMAGE_CLI_PASSWORD and BACKUP_AGENT_PASSWORD;
+# one that is not given is generated and printed once. Idempotent: what is missing is created,
+# passwords are (re)set only when given, permissions are always set.
+#
+# What each user may do (NS = the namespace):
+#   image-service        declares and consumes NS.api, NS.results, NS.heartbeats,
+#                        NS.volume-events and NS.dead; declares every NS.agent.<uuid>; publishes
+#                        replies and commands (default exchange) and image.* / backupStorage.*
+#                        events on NS.events; binds volume.* / volumeSnapshot.* from NS.events.
+#   backup-agent-UUID    declares and consumes only NS.agent.UUID; publishes results and
+#                        heartbeats (default exchange) and image.progress.* on NS.events. Other
+#                        agents' queues, the results and the API queue are out of its reach.
+#   image-cli            its own server-named reply queues (amq.gen-*); publishes API requests
+#                        (default exchange); binds to NS.events for progress.
+# The default exchange reaches every queue: what any user sends there is told apart by its
+# broker-validated user_id (the service takes heartbeats and results for a backup storage only
+# from the user of its first heartbeat; agents take commands only from image-service).
 set -eu
 
 VHOST="${IMAGE_VHOST:-images}"
 NS="${IMAGE_NAMESPACE:-image}"
+PREFIX="${IMAGE_USER_PREFIX:-}"
+EXTERNAL="${IMAGE_EXTERNAL:-0}"
 RABBITMQCTL="${RABBITMQCTL:-rabbitmqctl}"
+ACTION=init
+AGENT=""
+
+usage() { sed -n '2,32p' "$0"; }
 
 while [ $# -gt 0 ]; do
     case "$1" in
+        init) ACTION=init; shift ;;
+        add-agent|remove-agent)
+            [ $# -ge 2 ] || { echo "setup-users.sh: $1 needs the backup storage's uuid" >&2; exit 2; }
+            ACTION="$1"; AGENT="$2"; shift 2 ;;
         --vhost) VHOST="$2"; shift 2 ;;
         --namespace) NS="$2"; shift 2 ;;
-        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
-        *) echo "setup-users.sh: unknown argument $1" >&2; exit 2 ;;
+        --user-prefix) PREFIX="$2"; shift 2 ;;
+        --external) EXTERNAL=1; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) echo "setup-users.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
+
+if [ -n "$AGENT" ] && ! printf '%s' "$AGENT" | grep -qxE '[0-9a-f]{32}'; then
+    echo "setup-users.sh: a backup storage uuid is 32 lowercase hex characters, not $AGENT" >&2
+    exit 2
+fi
 
 ctl() {
     # shellcheck disable=SC2086  # RABBITMQCTL may carry options, e.g. -n rabbit@host
     $RABBITMQCTL -q "$@"
 }
 
-# The namespace as a regular expression that matches only itself.
-# shellcheck disable=SC2016  # the $ in the sed expression is a regex character
-N="$(printf '%s' "$NS" | sed 's/[][\\.*^$()+?{}|]/\\&/g')"
+# A name as a regular expression that matches only itself.
+quote() { printf '%s' "$1" | sed 's/[][\\.*^$()+?{}|]/\\&/g'; }
+N="$(quote "$NS")"
+SERVICE_USER="${PREFIX}image-service"
+CLI_USER="${PREFIX}image-cli"
+AGENT_USER="${PREFIX}backup-agent-${AGENT}"
 
 generate_password() {
     head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n'
 }
 
-if ! ctl list_vhosts --no-table-headers name | grep -qxF "$VHOST"; then
-    echo "creating vhost $VHOST"
-    ctl add_vhost "$VHOST"
-fi
+user_exists() {
+    ctl list_users --no-table-headers | cut -f1 | grep -qxF "$1"
+}
 
 # user NAME PASSWORD_VARIABLE CONFIGURE WRITE READ
 user() {
     name="$1"
     eval "password=\${$2:-}"
-    if ctl list_users --no-table-headers | cut -f1 | grep -qxF "$name"; then
-        if [ -n "$password" ]; then
+    if user_exists "$name"; then
+        if [ "$EXTERNAL" = 1 ]; then
+            ctl clear_password "$name" >/dev/null
+            echo "user $name: exists (no password: certificate login)"
+        elif [ -n "$password" ]; then
             ctl change_password "$name" "$password" >/dev/null
             echo "user $name: password changed"
         else
             echo "user $name: exists (password unchanged; set $2 to change it)"
         fi
     else
-        if [ -z "$password" ]; then
+        if [ "$EXTERNAL" = 1 ]; then
+            ctl add_user "$name" "$(generate_password)" >/dev/null
+            ctl clear_password "$name" >/dev/null
+            echo "user $name: created without a password (its client certificate's CN: $name)"
+        elif [ -z "$password" ]; then
             password="$(generate_password)"
+            ctl add_user "$name" "$password" >/dev/null
             echo "user $name: created with password $password  (keep it: it is not shown again)"
         else
+            ctl add_user "$name" "$password" >/dev/null
             echo "user $name: created"
         fi
-        ctl add_user "$name" "$password" >/dev/null
     fi
     ctl set_permissions -p "$VHOST" "$name" "$3" "$4" "$5" >/dev/null
     echo "  on vhost $VHOST: configure '$3' write '$4' read '$5'"
@@ -82,25 +120,47 @@ topic() {
     echo "  on exchange $NS.events: publish keys '$2' bind keys '$3'"
 }
 
-# queue.declare of a queue with a dead-letter exchange needs write on that exchange and read on
-# the queue; queue.bind needs write on the queue and read on the exchange; publishing to the
-# default exchange needs write on amq.default.
-user image-service IMAGE_SERVICE_PASSWORD \
-    "^$N\\.(api|results|heartbeats|volume-events|events|dead|agent\\..+)\$" \
-    "^(amq\\.default|$N\\.(events|dead|volume-events))\$" \
-    "^$N\\.(api|results|heartbeats|volume-events|events|dead|agent\\..+)\$"
-topic image-service '^(image|backupStorage)\.' '^(volume|volumeSnapshot)\.'
-
-user backup-agent BACKUP_AGENT_PASSWORD \
-    "^$N\\.(results|heartbeats|events|dead|agent\\..+)\$" \
-    "^(amq\\.default|$N\\.(events|dead))\$" \
-    "^$N\\.(results|dead|agent\\..+)\$"
-topic backup-agent '^image\.progress\.' '^$'
-
-user image-cli IMAGE_CLI_PASSWORD \
-    "^(amq\\.gen-.*|$N\\.events)\$" \
-    "^(amq\\.default|amq\\.gen-.*)\$" \
-    "^(amq\\.gen-.*|$N\\.events)\$"
-topic image-cli '^$' '.*'
-
-echo "done. Connection urls: amqp://USER:PASSWORD@HOST:5672/$VHOST"
+# queue.declare of a queue with a dead-letter exchange needs configure and read on the queue and
+# write on that exchange; queue.bind needs write on the queue and read on the exchange;
+# publishing to the default exchange needs write on amq.default.
+case "$ACTION" in
+init)
+    if ! ctl list_vhosts --no-table-headers name | grep -qxF "$VHOST"; then
+        echo "creating vhost $VHOST"
+        ctl add_vhost "$VHOST"
+    fi
+    user "$SERVICE_USER" IMAGE_SERVICE_PASSWORD \
+        "^$N\\.(api|results|heartbeats|volume-events|events|dead|agent\\.[0-9a-f]{32})\$" \
+        "^(amq\\.default|$N\\.(events|dead|volume-events))\$" \
+        "^$N\\.(api|results|heartbeats|volume-events|events|dead|agent\\.[0-9a-f]{32})\$"
+    topic "$SERVICE_USER" '^(image|backupStorage)\.' '^(volume|volumeSnapshot)\.'
+    user "$CLI_USER" IMAGE_CLI_PASSWORD \
+        "^amq\\.gen-.*\$" \
+        "^(amq\\.default|amq\\.gen-.*)\$" \
+        "^(amq\\.gen-.*|$N\\.events)\$"
+    topic "$CLI_USER" '^$' '.*'
+    echo "done. Start image-service with"
+    echo "  --agent-user-pattern '^$(quote "$PREFIX")backup-agent-[0-9a-f]{32}\$'"
+    echo "so that only enrolled agents register backup storages; enrol each with add-agent UUID."
+    ;;
+add-agent)
+    user "$AGENT_USER" BACKUP_AGENT_PASSWORD \
+        "^$N\\.agent\\.$AGENT\$" \
+        "^(amq\\.default|$N\\.(events|dead))\$" \
+        "^$N\\.agent\\.$AGENT\$"
+    topic "$AGENT_USER" '^image\.progress\.' '^$'
+    echo "done. Start the agent with --backup-storage-uuid $AGENT --service-user $SERVICE_USER"
+    echo "  and IMAGE_AMQP_URL=amqp(s)://$AGENT_USER:PASSWORD@HOST/$VHOST"
+    ;;
+remove-agent)
+    if user_exists "$AGENT_USER"; then
+        # Deleting a user closes its connections: the host can neither read commands nor
+        # publish from now on.
+        ctl delete_user "$AGENT_USER" >/dev/null
+        echo "user $AGENT_USER: deleted (its connections are closed)"
+    else
+        echo "user $AGENT_USER: not found"
+    fi
+    echo "now: image-cli DeleteBackupStorage uuid=$AGENT"
+    ;;
+esac

@@ -12,6 +12,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
+from image_service.protocol.broker import Broker
 from image_service.protocol.names import Names
 from image_service.protocol.transport import PUBLISH_TIMEOUT
 
@@ -20,8 +21,8 @@ class ApiClient:
     """A caller of the service's API (used by image-cli and the tests): publishes to `NS.api`
     and matches replies on its own exclusive queue by correlation id."""
 
-    def __init__(self, amqp_url: str, names: Names) -> None:
-        self.amqp_url = amqp_url
+    def __init__(self, broker: Broker | str, names: Names) -> None:
+        self.broker = Broker.of(broker)
         self.names = names
         self.connection: aio_pika.abc.AbstractConnection | None = None
         self._channel: AbstractChannel | None = None
@@ -31,7 +32,9 @@ class ApiClient:
 
     async def connect(self) -> None:
         self.connection = await aio_pika.connect(
-            self.amqp_url, client_properties={"connection_name": "image-cli"}
+            self.broker.url,
+            ssl_context=self.broker.ssl_context,
+            client_properties={"connection_name": "image-cli"},
         )
         self._channel = await self.connection.channel(publisher_confirms=True)
         self._reply_queue = await self._channel.declare_queue(exclusive=True, auto_delete=True)
@@ -67,6 +70,7 @@ class ApiClient:
             message_id=message_id,
             reply_to=reply_to,
             correlation_id=correlation_id,
+            user_id=self.broker.user,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
         await self._channel.default_exchange.publish(
@@ -104,9 +108,9 @@ class ApiClient:
     ) -> None:
         """Receive events of `NS.events` matching `binding_keys` while connected."""
         assert self._channel is not None, "ApiClient.connect() first"
-        exchange = await self._channel.declare_exchange(
-            self.names.events, aio_pika.ExchangeType.TOPIC, durable=True
-        )
+        # Not declared: the service declares it, and a client that may configure the exchange
+        # could also delete it.
+        exchange = await self._channel.get_exchange(self.names.events, ensure=False)
         queue = await self._channel.declare_queue(exclusive=True, auto_delete=True)
         for key in binding_keys:
             await queue.bind(exchange, routing_key=key)

@@ -12,11 +12,14 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from pathlib import Path
 from typing import Annotated, Any, Literal, NoReturn, TypeVar, get_args, get_origin
 
 from pydantic import AfterValidator, BeforeValidator, Field, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+
+from image_service.protocol.broker import Broker, BrokerConfigError
 
 S = TypeVar("S", bound=BaseSettings)
 ENV_PREFIX = "IMAGE_"
@@ -62,6 +65,30 @@ class BusSettings(BaseSettings):
         "amqp://guest:guest@127.0.0.1:5672/", description="the RabbitMQ broker"
     )
     namespace: Namespace = Field("image", description="prefix of every queue and exchange")
+    amqp_ca_file: Path | None = Field(
+        None,
+        description="CA certificates that verify the broker's certificate (amqps://; default:"
+        " the system's)",
+    )
+    amqp_cert_file: Path | None = Field(
+        None,
+        description="client certificate (amqps://); with no user in the url it logs in with"
+        " RabbitMQ's EXTERNAL mechanism as the user the certificate names",
+    )
+    amqp_key_file: Path | None = Field(None, description="the client certificate's key")
+
+    def broker(self, prog: str) -> Broker:
+        """How to reach the broker and as whom; a configuration that cannot work ends the
+        process with one line (exit 2)."""
+        try:
+            return Broker.configure(
+                self.amqp_url,
+                ca_file=self.amqp_ca_file,
+                cert_file=self.amqp_cert_file,
+                key_file=self.amqp_key_file,
+            )
+        except BrokerConfigError as exc:
+            exit_with(prog, f"{flag_of('amqp_url')}: {exc}", USAGE_ERROR)
 
 
 def env_of(name: str) -> str:

@@ -43,6 +43,19 @@ DESCRIPTIONS: dict[ErrorCode, str] = {
 }
 
 
+# An error reply repeats at most this many bytes of the request (contract section 8): its
+# details are cut there, so that a request naming 600,000 unknown parameters gets a short reply.
+MAX_ECHO = 4096
+
+
+def cut(text: str, limit: int = MAX_ECHO) -> str:
+    """`text` within `limit` bytes of UTF-8, saying how much was left out."""
+    data = text.encode()
+    if len(data) <= limit:
+        return text
+    return data[:limit].decode(errors="ignore") + f" ... ({len(data) - limit} more bytes)"
+
+
 def error_body(
     code: ErrorCode | str, details: str, causes: list[dict[str, Any]] | None = None
 ) -> dict[str, Any]:
@@ -51,7 +64,7 @@ def error_body(
     return {
         "code": code.value,
         "description": DESCRIPTIONS[code],
-        "details": details,
+        "details": cut(details),
         "causes": causes or [],
     }
 
@@ -59,8 +72,12 @@ def error_body(
 def validation_details(exc: ValidationError) -> str:
     """Pydantic errors as `field: problem; ...`, naming every offending field, for replies and
     for the log lines of dropped agent messages."""
-    parts = []
+    parts: list[str] = []
+    size = 0
     for err in exc.errors(include_url=False):
+        if size > MAX_ECHO:
+            parts.append(f"and {exc.error_count() - len(parts)} more")
+            break
         loc = ".".join(str(x) for x in err["loc"])
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
@@ -68,4 +85,5 @@ def validation_details(exc: ValidationError) -> str:
         elif msg.startswith("Value error, "):
             msg = msg.removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}" if loc else msg)
+        size += len(parts[-1]) + 2
     return "; ".join(parts)

@@ -36,3 +36,9 @@ class Names:
 
     def agent(self, backup_storage_uuid: str) -> str:
         return f"{self.namespace}.agent.{backup_storage_uuid}"
+
+    def is_internal(self, queue: str) -> bool:
+        """A queue the service or its agents consume: never a reply target (a reply published
+        there, as the service's own broker user, would pose as a command or a result)."""
+        fixed = (self.api, self.results, self.heartbeats, self.volume_events, self.dead_letters)
+        return queue in fixed or queue.startswith(f"{self.namespace}.agent.")

@@ -24,11 +24,15 @@ from aio_pika.abc import (
     AbstractRobustConnection,
 )
 
+from image_service.protocol.broker import Broker
 from image_service.protocol.names import Names
 
 log = logging.getLogger(__name__)
 
 PUBLISH_TIMEOUT = 10.0
+# RabbitMQ's direct reply-to names. A publish to a malformed one makes RabbitMQ (3.10) close the
+# publishing connection with INTERNAL_ERROR, failing every publish in flight on it.
+DIRECT_REPLY_PREFIX = "amq.rabbitmq.reply-to."
 # A message that makes its handler fail this many times is parked on NS.dead, not looped.
 DELIVERY_LIMIT = 10
 
@@ -41,6 +45,10 @@ class Incoming:
     correlation_id: str | None
     routing_key: str | None
     redelivered: bool
+    # The broker user that published it, as RabbitMQ validated it (None: the sender set none).
+    user_id: str | None = None
+    # The exchange it was published to ("" for the default exchange).
+    exchange: str = ""
 
 
 Handler = Callable[[Incoming], Awaitable[None]]
@@ -78,11 +86,23 @@ class RetryLater(Exception):
     """Raised by a handler when a dependency (the database) is unavailable: requeue, no ack."""
 
 
+# What a publish raises when its connection or channel went away under it.
+_CONNECTION_LOST: tuple[type[Exception], ...] = (
+    aiormq.exceptions.AMQPError,
+    ConnectionError,
+    RuntimeError,
+    TimeoutError,
+)
+# A direct reply that failed on the shared reply connection, for one of these reasons, is
+# tried again alone (Bus._publish_direct_reply).
+_RETRY_ALONE: tuple[type[Exception], ...] = (PublishRejected, *_CONNECTION_LOST)
+
+
 class Bus:
     def __init__(
-        self, amqp_url: str, names: Names, *, connection_name: str = "image-service"
+        self, broker: Broker | str, names: Names, *, connection_name: str = "image-service"
     ) -> None:
-        self.amqp_url = amqp_url
+        self.broker = Broker.of(broker)
         self.connection_name = connection_name
         self.names = names
         self.connection: AbstractRobustConnection | None = None
@@ -90,10 +110,10 @@ class Bus:
         # connection (RabbitMQ does so for a forged direct reply-to) must not drop consumers.
         self.publish_connection: AbstractRobustConnection | None = None
         self._publish_channel: AbstractChannel | None = None
-        # Direct replies of read-only APIs (ImageService.on_read_only) have a connection of
-        # their own, opened on first use: when a forged reply-to makes the broker close it, the
-        # outbox relay's publishes, on the other connection, are not hit and not blamed.
-        self._reply_connection: AbstractRobustConnection | None = None
+        # Publishes to direct reply-to names have a connection of their own (see
+        # _publish_direct_reply): when a forged name makes the broker close it, nothing else
+        # published by this process is hit.
+        self._reply_connection: aio_pika.abc.AbstractConnection | None = None
         self._reply_channel: AbstractChannel | None = None
         self._reply_lock = asyncio.Lock()
         self._consume_channels: list[AbstractChannel] = []
@@ -105,27 +125,28 @@ class Bus:
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = False
 
+    async def _connect(self, purpose: str) -> AbstractRobustConnection:
+        name = f"{self.connection_name} ({purpose})" if purpose else self.connection_name
+        return await aio_pika.connect_robust(
+            self.broker.url,
+            ssl_context=self.broker.ssl_context,
+            client_properties={"connection_name": name},
+            reconnect_interval=1,
+        )
+
     async def connect(self) -> None:
-        self.connection = await aio_pika.connect_robust(
-            self.amqp_url,
-            client_properties={"connection_name": self.connection_name},
-            reconnect_interval=1,
-        )
-        self.publish_connection = await aio_pika.connect_robust(
-            self.amqp_url,
-            client_properties={"connection_name": f"{self.connection_name} (publish)"},
-            reconnect_interval=1,
-        )
+        self.connection = await self._connect("")
+        self.publish_connection = await self._connect("publish")
         self._publish_channel = await self.publish_connection.channel(publisher_confirms=True)
 
     def _channel(self) -> AbstractChannel:
         assert self._publish_channel is not None, "Bus.connect() first"
         return self._publish_channel
 
-    async def _declare_shared(self) -> AbstractChannel:
-        """What service and agents both use: events, dead letters, results, heartbeats."""
-        channel = self._channel()
-        self._events = await channel.declare_exchange(
+    async def _declare_shared(self, channel: AbstractChannel) -> AbstractExchange:
+        """What service and agents both use: events, dead letters, results, heartbeats.
+        Returns the events exchange."""
+        events = await channel.declare_exchange(
             self.names.events, aio_pika.ExchangeType.TOPIC, durable=True
         )
         dead = await channel.declare_exchange(
@@ -137,22 +158,31 @@ class Bus:
             self.names.results, durable=True, arguments=self.work_queue_arguments()
         )
         await channel.declare_queue(self.names.heartbeats, durable=True)
-        return channel
+        return events
 
     async def declare_topology(self) -> None:
-        channel = await self._declare_shared()
+        channel = self._channel()
+        self._events = await self._declare_shared(channel)
         await channel.declare_queue(
             self.names.api, durable=True, arguments=self.work_queue_arguments()
         )
         volume_events = await channel.declare_queue(
             self.names.volume_events, durable=True, arguments=self.work_queue_arguments()
         )
-        assert self._events is not None
         for key in ("volume.*.*", "volumeSnapshot.*.*"):
             await volume_events.bind(self._events, routing_key=key)
 
     async def declare_agent_topology(self, backup_storage_uuid: str) -> None:
-        await self._declare_shared()
+        """An agent's own command queue, and the shared topology when its user may declare
+        it (the development account). A per-agent user may not (deploy/rabbitmq): the
+        service declares it; until then results wait in the agent's journal and are retried."""
+        assert self.publish_connection is not None, "Bus.connect() first"
+        try:
+            # On a channel of its own: a refusal closes the channel it happened on.
+            async with self.publish_connection.channel() as scratch:
+                await self._declare_shared(scratch)
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            log.info("shared queues left to the service to declare: %s", exc)
         await self.declare_agent_queue(backup_storage_uuid)
 
     def work_queue_arguments(self) -> dict[str, Any]:
@@ -183,19 +213,24 @@ class Bus:
         persistent: bool = True,
         expiration: float | None = None,
     ) -> None:
-        channel = self._channel()
+        """Publish with publisher confirms, as this process's broker user (`user_id`)."""
         message = aio_pika.Message(
             body,
             content_type="application/json",
             correlation_id=correlation_id,
             message_id=message_id,
             expiration=expiration,
+            user_id=self.broker.user,
             delivery_mode=(
                 aio_pika.DeliveryMode.PERSISTENT
                 if persistent
                 else aio_pika.DeliveryMode.NOT_PERSISTENT
             ),
         )
+        if exchange == "" and routing_key.startswith(DIRECT_REPLY_PREFIX):
+            await self._publish_direct_reply(message, routing_key)
+            return
+        channel = self._channel()
         if exchange == "":
             target = channel.default_exchange
         elif exchange == self.names.events and self._events is not None:
@@ -207,23 +242,68 @@ class Bus:
     async def publish_reply(
         self, reply_to: str, body: bytes, *, correlation_id: str | None
     ) -> None:
-        """A reply straight to its caller, on the reply connection (see __init__)."""
+        """A reply straight to its caller, persistent (a caller that reads its replies from a
+        durable queue loses none in a broker restart)."""
+        await self.publish("", reply_to, body, correlation_id=correlation_id)
+
+    async def _reply_channel_now(self) -> AbstractChannel:
         async with self._reply_lock:
-            if self._reply_connection is None:
-                self._reply_connection = await aio_pika.connect_robust(
-                    self.amqp_url,
+            connection = self._reply_connection
+            if connection is None or connection.is_closed or self._reply_channel is None:
+                # Not a robust connection: when a forged name kills it, the next reply opens
+                # a new one at once instead of waiting for a reconnect interval.
+                self._reply_connection = connection = await aio_pika.connect(
+                    self.broker.url,
+                    ssl_context=self.broker.ssl_context,
                     client_properties={"connection_name": f"{self.connection_name} (replies)"},
-                    reconnect_interval=1,
                 )
-                self._reply_channel = await self._reply_connection.channel(publisher_confirms=True)
-        assert self._reply_channel is not None
-        message = aio_pika.Message(
-            body,
-            content_type="application/json",
-            correlation_id=correlation_id,
-            delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+                self._reply_channel = await connection.channel(publisher_confirms=True)
+            assert self._reply_channel is not None
+            return self._reply_channel
+
+    async def _drop_reply_connection(self, channel: AbstractChannel) -> None:
+        async with self._reply_lock:
+            if self._reply_channel is channel and self._reply_connection is not None:
+                connection, self._reply_connection, self._reply_channel = (
+                    self._reply_connection,
+                    None,
+                    None,
+                )
+                with contextlib.suppress(*_CONNECTION_LOST):
+                    await connection.close()
+
+    async def _publish_direct_reply(self, message: aio_pika.Message, reply_to: str) -> None:
+        """A forged or malformed direct reply-to name costs only its own reply.
+
+        The broker answers one by closing the whole connection, failing the other replies in
+        flight on it too. So a reply whose publish fails on the shared reply connection is
+        tried once more alone, on a connection of its own: if the broker refuses it there, it
+        was the culprit (PublishRejected, and its caller drops it); the others go through."""
+        channel = await self._reply_channel_now()
+        try:
+            await _publish_or_reject(channel.default_exchange, message, reply_to)
+            return
+        except Unroutable:
+            raise
+        except _RETRY_ALONE as exc:
+            log.info(
+                "reply connection lost publishing to %s (%r); retrying it alone", reply_to, exc
+            )
+            await self._drop_reply_connection(channel)
+        connection = await aio_pika.connect(
+            self.broker.url,
+            ssl_context=self.broker.ssl_context,
+            client_properties={"connection_name": f"{self.connection_name} (one reply)"},
         )
-        await _publish_or_reject(self._reply_channel.default_exchange, message, reply_to)
+        try:
+            alone = await connection.channel(publisher_confirms=True)
+            try:
+                await _publish_or_reject(alone.default_exchange, message, reply_to)
+            except _CONNECTION_LOST as exc:
+                raise PublishRejected(f"{reply_to}: {exc!r}") from exc
+        finally:
+            with contextlib.suppress(*_CONNECTION_LOST):
+                await connection.close()
 
     async def consume(self, queue_name: str, handler: Handler, *, prefetch: int = 16) -> None:
         """Consume `queue_name` on a channel of its own, `prefetch` deliveries at a time."""
@@ -255,6 +335,8 @@ class Bus:
             correlation_id=message.correlation_id,
             routing_key=message.routing_key,
             redelivered=bool(message.redelivered),
+            user_id=message.user_id,
+            exchange=message.exchange or "",
         )
         delay = 0.5
         while True:

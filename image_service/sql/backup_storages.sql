@@ -1,23 +1,29 @@
 -- Backup storages: registered and refreshed by their agents' heartbeats.
 
--- name: bs_status_for_update
--- Read (and lock) the status before a heartbeat's upsert, so the caller publishes a status
--- event only on a real change. A CTE cannot do this: the upsert runs first and a locking read
--- of a row the same statement modified sees nothing.
-SELECT status::text AS status FROM backup_storage WHERE uuid = :uuid FOR UPDATE;
+-- name: bs_owner_for_update
+-- Read (and lock) the status and the owning broker user before a heartbeat's upsert, so the
+-- caller publishes a status event only on a real change, and refuses another user's heartbeat.
+-- A CTE cannot do this: the upsert runs first and a locking read of a row the same statement
+-- modified sees nothing.
+SELECT status::text AS status, agent_user FROM backup_storage WHERE uuid = :uuid FOR UPDATE;
+
+-- name: bs_agent_user
+SELECT agent_user FROM backup_storage WHERE uuid = :uuid;
 
 -- name: bs_heartbeat
 -- Registers an agent on its first heartbeat and marks it :connected on every one (from the
 -- statuses in :connected_from; a Connected one stays so). `inserted` tells a registration from
 -- an update (xmax is 0 only on a row this statement inserted): two first heartbeats handled at
--- once both read no previous status, and only one inserts.
+-- once both read no previous status, and only one inserts. Only the broker user that owns the
+-- row (or the first one, for a row that has none yet) changes it: another's gets no row back.
 INSERT INTO backup_storage AS bs (uuid, name, url, hostname, total_capacity,
                                   available_capacity, heartbeat_interval, status,
-                                  last_heartbeat)
+                                  last_heartbeat, agent_user)
 SELECT :uuid, :name, :url, :hostname, :total_capacity, :available_capacity,
-       :heartbeat_interval, :connected, now()
+       :heartbeat_interval, :connected, now(), :agent_user
 WHERE NOT EXISTS (SELECT 1 FROM deleted_backup_storage d WHERE d.uuid = :uuid)
 ON CONFLICT (uuid) DO UPDATE SET
+    agent_user = EXCLUDED.agent_user,
     name = EXCLUDED.name,
     url = EXCLUDED.url,
     hostname = EXCLUDED.hostname,
@@ -29,6 +35,7 @@ ON CONFLICT (uuid) DO UPDATE SET
     last_heartbeat = now(),
     last_op_date = CASE WHEN bs.status = ANY(:connected_from::bs_status[])
                         THEN now() ELSE bs.last_op_date END
+WHERE bs.agent_user IS NULL OR bs.agent_user = EXCLUDED.agent_user
 RETURNING uuid, (xmax = 0) AS inserted;
 
 -- name: bs_mark_disconnected

@@ -9,7 +9,7 @@ from image_service.lifecycle import (
     BackupStorageStatus,
 )
 from image_service.store.group import QueryGroup, Record
-from image_service.store.rows import BackupStorageRow, InventoryRow
+from image_service.store.rows import BackupStorageRow, InventoryRow, Owner
 
 _CONNECTED = BackupStorageStatus.Connected
 _DISCONNECTED = BackupStorageStatus.Disconnected
@@ -30,10 +30,18 @@ def _bs(row: Record) -> BackupStorageRow:
 class BackupStorages(QueryGroup, sql_file="backup_storages.sql"):
     __slots__ = ()
 
-    async def status_for_update(self, uuid: str) -> BackupStorageStatus | None:
-        """The status before a heartbeat is applied (row locked), None when not registered."""
-        status = await self._value("bs_status_for_update", uuid=uuid)
-        return BackupStorageStatus(status) if status is not None else None
+    async def owner_for_update(self, uuid: str) -> Owner | None:
+        """Status and owning broker user before a heartbeat is applied (row locked), None when
+        the backup storage is not registered."""
+        row = await self._row("bs_owner_for_update", uuid=uuid)
+        if row is None:
+            return None
+        return Owner(BackupStorageStatus(row["status"]), row["agent_user"])
+
+    async def agent_user(self, uuid: str) -> str | None:
+        """The broker user whose heartbeats and results count for this backup storage."""
+        value = await self._value("bs_agent_user", uuid=uuid)
+        return str(value) if value is not None else None
 
     async def heartbeat(
         self,
@@ -45,9 +53,11 @@ class BackupStorages(QueryGroup, sql_file="backup_storages.sql"):
         total_capacity: int,
         available_capacity: int,
         heartbeat_interval: float,
+        agent_user: str,
     ) -> bool | None:
-        """Register or refresh a backup storage and make it Connected. Returns whether this
-        call registered it, or None when the backup storage was deleted (ignored)."""
+        """Register or refresh a backup storage and make it Connected, for its owning broker
+        user only. Returns whether this call registered it, or None when the backup storage
+        was deleted or belongs to another user (ignored)."""
         row = await self._row(
             "bs_heartbeat",
             uuid=uuid,
@@ -57,6 +67,7 @@ class BackupStorages(QueryGroup, sql_file="backup_storages.sql"):
             total_capacity=total_capacity,
             available_capacity=available_capacity,
             heartbeat_interval=heartbeat_interval,
+            agent_user=agent_user,
             connected=_CONNECTED,
             connected_from=BACKUP_STORAGE_STATUS.allowed_from(_CONNECTED),
         )

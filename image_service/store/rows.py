@@ -135,3 +135,11 @@ class TemplateSource:
     install_path: str | None
     format: str | None
     root_image_uuid: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Owner:
+    """A backup storage's status and the broker user it belongs to (None: not bound yet)."""
+
+    status: BackupStorageStatus
+    agent_user: str | None

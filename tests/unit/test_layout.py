@@ -18,13 +18,22 @@ def layout(tmp_path: Path) -> Layout:
     return layout
 
 
+IMAGE = uuid.uuid4().hex
+
+
 def template_path(layout: Layout, name: str = "CentOS7") -> str:
-    return f"{layout.root}/templates/{uuid.uuid4().hex}/{name}.template"
+    return f"{layout.root}/templates/{IMAGE}/{name}.template"
 
 
 def test_a_template_path_is_accepted(layout: Layout) -> None:
     path = template_path(layout)
-    assert layout.resolve_install_path(path) == Path(path)
+    assert layout.resolve_install_path(path, IMAGE) == Path(path)
+
+
+def test_a_path_in_another_images_directory_is_rejected(layout: Layout) -> None:
+    """A command about one image never names another's file (contract section 8)."""
+    with pytest.raises(PathRejected, match="not in the directory of image"):
+        layout.resolve_install_path(template_path(layout), uuid.uuid4().hex)
 
 
 def test_a_template_path_under_a_symlinked_root_is_accepted(tmp_path: Path) -> None:
@@ -33,20 +42,20 @@ def test_a_template_path_under_a_symlinked_root_is_accepted(tmp_path: Path) -> N
     layout = Layout(tmp_path / "link")
     layout.prepare()
     image = uuid.uuid4().hex
-    resolved = layout.resolve_install_path(f"{tmp_path}/link/templates/{image}/a.template")
+    resolved = layout.resolve_install_path(f"{tmp_path}/link/templates/{image}/a.template", image)
     assert resolved == tmp_path / "real" / "templates" / image / "a.template"
 
 
 def test_a_relative_template_path_is_taken_from_the_root(layout: Layout) -> None:
     image = uuid.uuid4().hex
-    resolved = layout.resolve_install_path(f"templates/{image}/a.template")
+    resolved = layout.resolve_install_path(f"templates/{image}/a.template", image)
     assert resolved == layout.root / "templates" / image / "a.template"
 
 
 def test_a_path_that_stays_inside_after_normalising_is_accepted(layout: Layout) -> None:
     image = uuid.uuid4().hex
     path = f"{layout.root}/templates/other/../{image}/./a.template"
-    assert layout.resolve_install_path(path) == layout.templates / image / "a.template"
+    assert layout.resolve_install_path(path, image) == layout.templates / image / "a.template"
 
 
 @pytest.mark.parametrize(
@@ -61,24 +70,25 @@ def test_a_path_that_stays_inside_after_normalising_is_accepted(layout: Layout) 
     ],
 )
 def test_dot_dot_escapes_are_rejected(layout: Layout, suffix: str) -> None:
-    path = f"{layout.root}/{suffix.format(u=uuid.uuid4().hex)}"
+    image = uuid.uuid4().hex
+    path = f"{layout.root}/{suffix.format(u=image)}"
     with pytest.raises(PathRejected):
-        layout.resolve_install_path(path)
+        layout.resolve_install_path(path, image)
     with pytest.raises(PathRejected):
-        layout.resolve_install_path(suffix.format(u=uuid.uuid4().hex))
+        layout.resolve_install_path(suffix.format(u=image), image)
 
 
 @pytest.mark.parametrize("path", ["/etc/passwd", "/tmp/templates/x/a.template", "/", ""])
 def test_absolute_paths_outside_the_root_are_rejected(layout: Layout, path: str) -> None:
     with pytest.raises(PathRejected):
-        layout.resolve_install_path(path)
+        layout.resolve_install_path(path, IMAGE)
 
 
 def test_a_sibling_root_with_the_same_prefix_is_rejected(tmp_path: Path, layout: Layout) -> None:
     sibling = Layout(Path(f"{layout.root}2"))
     sibling.prepare()
     with pytest.raises(PathRejected):
-        layout.resolve_install_path(template_path(sibling))
+        layout.resolve_install_path(template_path(sibling), IMAGE)
 
 
 def test_a_symlinked_image_directory_pointing_outside_is_rejected(
@@ -89,7 +99,7 @@ def test_a_symlinked_image_directory_pointing_outside_is_rejected(
     image = uuid.uuid4().hex
     (layout.templates / image).symlink_to(outside, target_is_directory=True)
     with pytest.raises(PathRejected):
-        layout.resolve_install_path(f"{layout.templates}/{image}/a.template")
+        layout.resolve_install_path(f"{layout.templates}/{image}/a.template", image)
 
 
 def test_a_symlink_deeper_in_templates_pointing_outside_is_rejected(
@@ -99,36 +109,36 @@ def test_a_symlink_deeper_in_templates_pointing_outside_is_rejected(
     (outside / "deep").mkdir(parents=True)
     (layout.templates / "escape").symlink_to(outside)
     with pytest.raises(PathRejected):
-        layout.resolve_install_path(f"{layout.templates}/escape/deep/a.template")
+        layout.resolve_install_path(f"{layout.templates}/escape/deep/a.template", "escape")
     with pytest.raises(PathRejected):
-        layout.resolve_install_path("templates/escape/deep/a.template")
+        layout.resolve_install_path("templates/escape/deep/a.template", "escape")
 
 
 def test_a_symlink_to_the_agent_state_is_rejected(layout: Layout) -> None:
     (layout.templates / "state").symlink_to(layout.state)
     with pytest.raises(PathRejected):
-        layout.resolve_install_path(f"{layout.templates}/state/identity.json")
+        layout.resolve_install_path(f"{layout.templates}/state/identity.json", "state")
 
 
 def test_a_symlink_that_stays_inside_templates_resolves_to_its_target(layout: Layout) -> None:
     image = uuid.uuid4().hex
     (layout.templates / image).mkdir()
     (layout.templates / "alias").symlink_to(layout.templates / image)
-    resolved = layout.resolve_install_path(f"{layout.templates}/alias/a.template")
+    resolved = layout.resolve_install_path(f"{layout.templates}/alias/a.template", image)
     assert resolved == layout.templates / image / "a.template"
 
 
 @pytest.mark.parametrize("name", ["a.template", "", ".", "..", "identity.json"])
 def test_a_path_directly_at_templates_level_is_rejected(layout: Layout, name: str) -> None:
     with pytest.raises(PathRejected):
-        layout.resolve_install_path(f"{layout.templates}/{name}")
+        layout.resolve_install_path(f"{layout.templates}/{name}", IMAGE)
 
 
 def test_the_templates_directory_itself_is_rejected(layout: Layout) -> None:
     with pytest.raises(PathRejected):
-        layout.resolve_install_path(str(layout.templates))
+        layout.resolve_install_path(str(layout.templates), IMAGE)
     with pytest.raises(PathRejected):
-        layout.resolve_install_path("templates")
+        layout.resolve_install_path("templates", IMAGE)
 
 
 # --- identity and capacity ---------------------------------------------------------------

@@ -186,9 +186,26 @@ def test_update_image_validates_like_add_image() -> None:
     assert validate(UpdateImage, {"uuid": U1, "platform": "Windows"}).platform == "Windows"
 
 
-@pytest.mark.parametrize(("field", "value"), [("limit", 0), ("limit", 10001), ("start", -1)])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("limit", -1), ("limit", 2**31), ("start", -1), ("start", 2**31), ("start", 2**63)],
+)
 def test_query_bounds(field: str, value: int) -> None:
+    """Contract section 8: start and limit within 0..2^31-1."""
     assert field in rejected(Query, {field: value})
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("limit", 0), ("limit", 2**31 - 1), ("start", 2**31 - 1)]
+)
+def test_query_bounds_are_inclusive(field: str, value: int) -> None:
+    assert getattr(validate(Query, {field: value}), field) == value
+
+
+def test_at_most_64_conditions() -> None:
+    condition = {"name": "name", "op": "=", "value": "x"}
+    assert len(validate(Query, {"conditions": [condition] * 64}).conditions) == 64
+    assert "conditions" in rejected(Query, {"conditions": [condition] * 65})
 
 
 # --- the envelope ------------------------------------------------------------------------

@@ -415,10 +415,25 @@ def test_backup_storage_refs_is_not_a_field_of_backup_storage() -> None:
 def test_backup_storage_field_is_an_exists_subquery() -> None:
     compiled = compile_one("backupStorage.name", "=", "bs1")
     assert where(compiled) == (
-        "EXISTS (SELECT 1 FROM image_backup_storage_ref r_ JOIN backup_storage n1 "
-        "ON n1.uuid = r_.backup_storage_uuid WHERE r_.image_uuid = a.uuid AND n1.name = $1::text)"
+        "EXISTS (SELECT 1 FROM image_backup_storage_ref r_n1 JOIN backup_storage n1 "
+        "ON n1.uuid = r_n1.backup_storage_uuid WHERE r_n1.image_uuid = a.uuid "
+        "AND n1.name = $1::text)"
     )
     assert compiled.args[0] == "bs1"
+
+
+def test_nested_conditions_beyond_four_are_subplans_not_joins() -> None:
+    """Planning time grows steeply with semi-joins (64 took over a second): the fifth and later
+    nested conditions are uncorrelated IN lists kept out of the join search by IS TRUE."""
+    conditions = [{"name": "volume.name", "op": "=", "value": f"v{i}"} for i in range(6)]
+    compiled = compile_query(IMAGE, make_query(conditions=conditions))
+    sql = compiled.select_sql
+    assert sql.count("EXISTS (") == 4
+    assert sql.count(") IS TRUE") == 2
+    assert (
+        "(a.uuid IN (SELECT n5.root_image_uuid FROM volume n5 WHERE NOT n5.deleted "
+        "AND n5.name = $5::text)) IS TRUE"
+    ) in sql
 
 
 def test_backup_storage_ref_field_is_an_exists_subquery() -> None:
@@ -441,7 +456,7 @@ def test_nested_fields_are_cast_to_their_type() -> None:
 def test_user_tag_is_an_exists_subquery() -> None:
     compiled = compile_one("__userTag__", "~=", "%web%")
     assert where(compiled) == (
-        "EXISTS (SELECT 1 FROM user_tag t_ WHERE t_.resource_uuid = a.uuid AND t_.tag LIKE $1)"
+        "EXISTS (SELECT 1 FROM user_tag n1 WHERE n1.resource_uuid = a.uuid AND n1.tag LIKE $1)"
     )
     assert compiled.args[0] == "%web%"
 
