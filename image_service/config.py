@@ -45,7 +45,7 @@ class ServiceSettings(BusSettings):
         7 * 24 * 3600.0, description="seconds that replies and finished ops are kept"
     )
     prefetch: Annotated[int, Field(ge=1, le=1000)] = Field(
-        16, description="deliveries each consumer handles at once"
+        64, description="deliveries each consumer handles at once"
     )
     query_timeout: Seconds = Field(
         10.0, description="seconds a query may run before it is cancelled (TIMEOUT)"

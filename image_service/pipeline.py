@@ -16,7 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +65,10 @@ class Api:
     # Reads only: its reply is stored with the message id and published directly (no outbox,
     # no durable flush), see Pipeline._read_only.
     read_only: bool = False
+    # A read-only request waits here for its turn before it takes a database connection (the
+    # costly queries take turns, api/queries.py): waiting with a connection in hand would
+    # starve the pool that every other request needs.
+    admit: Callable[[Any], AbstractAsyncContextManager[None]] | None = None
 
 
 class Transactions:
@@ -177,12 +181,19 @@ class Pipeline:
         Should that publish fail, the delivery is not acked; its redelivery finds the stored
         reply."""
         transactions = self.transactions
+        checked = self._validate(envelope)
+        admission: AbstractAsyncContextManager[None] = nullcontext()
+        if not isinstance(checked, dict) and checked[0].admit is not None:
+            admission = checked[0].admit(checked[1])
         try:
-            async with transactions.store.autocommit() as tx:
+            async with admission, transactions.store.autocommit() as tx:
                 ctx = Ctx(
                     tx, Outbox(tx, transactions.names), message_id, transactions.query_timeout
                 )
-                body = await self._run(ctx, envelope, isolated=False)
+                if isinstance(checked, dict):
+                    body: Outcome = checked
+                else:
+                    body = await self._execute(ctx, envelope.api, *checked, isolated=False)
                 assert not isinstance(body, AwaitOps), "a read-only API never waits for agents"
                 payload = encode(body)
                 recorded = await tx.inbox.record(
@@ -211,23 +222,38 @@ class Pipeline:
     async def _run(self, ctx: Ctx, envelope: Envelope, *, isolated: bool = True) -> Outcome:
         """Run one API. `isolated`: inside a savepoint, so that a handler that fails leaves
         no partial writes (read-only handlers write nothing and need none)."""
+        checked = self._validate(envelope)
+        if isinstance(checked, dict):
+            return checked
+        return await self._execute(ctx, envelope.api, *checked, isolated=isolated)
+
+    def _validate(self, envelope: Envelope) -> tuple[Api, BaseModel] | dict[str, Any]:
+        """The API and its validated parameters, or the error reply."""
         name = envelope.api
         api = self.apis.get(name)
         if api is None:
             known = ", ".join(sorted(self.apis))
             return error_reply(name, ApiError(ErrorCode.UNKNOWN_API, f"{name!r}; known: {known}"))
-        try:
-            if len(envelope.params) > MAX_PARAMS:
-                # No API has that many: refuse before validation lists each unknown one.
-                raise ApiError(
+        if len(envelope.params) > MAX_PARAMS:
+            # No API has that many: refuse before validation lists each unknown one.
+            return error_reply(
+                name,
+                ApiError(
                     ErrorCode.INVALID_ARGUMENT,
-                    f"params: {len(envelope.params)} parameters; no API takes more than {MAX_PARAMS}",
-                )
-            try:
-                # JSON-mode validation: strict types, with enums given as their strings.
-                params = api.model.model_validate_json(json.dumps(envelope.params))
-            except ValidationError as exc:
-                raise ApiError(ErrorCode.INVALID_ARGUMENT, validation_details(exc)) from None
+                    f"params: {len(envelope.params)} parameters; no API takes more than"
+                    f" {MAX_PARAMS}",
+                ),
+            )
+        try:
+            # JSON-mode validation: strict types, with enums given as their strings.
+            return api, api.model.model_validate_json(json.dumps(envelope.params))
+        except ValidationError as exc:
+            return error_reply(name, ApiError(ErrorCode.INVALID_ARGUMENT, validation_details(exc)))
+
+    async def _execute(
+        self, ctx: Ctx, name: str, api: Api, params: BaseModel, *, isolated: bool
+    ) -> Outcome:
+        try:
             if isolated:
                 async with ctx.tx.savepoint():
                     outcome = await api.handler(ctx, params)

@@ -54,29 +54,26 @@ class Relay:
     async def _publish_batch(self) -> int:
         async with self.transactions.store.transaction() as tx:
             rows = await tx.outbox.take(limit=BATCH)
-            done: list[int] = []
+            # Replies are independent of each other and of everything else: published all at
+            # once, so that one whose target the broker refuses (a forged reply-to costs a
+            # reconnection) does not hold up the others. Commands and events keep their order.
+            replies = [row for row in rows if _is_reply(row)]
+            others = [row for row in rows if not _is_reply(row)]
+            outcomes = await asyncio.gather(
+                *(self._publish_reply(row) for row in replies), return_exceptions=True
+            )
+            done = [row.id for row, ok in zip(replies, outcomes, strict=True) if ok is True]
+            if len(done) < len(replies):
+                failed = next(e for e in outcomes if e is not True)
+                log.warning("relay: publishing replies failed, will retry: %r", failed)
             try:
-                for row in rows:
-                    try:
-                        await self.bus.publish(
-                            row.exchange,
-                            row.routing_key,
-                            encode(row.body),
-                            correlation_id=row.correlation_id,
-                            message_id=row.message_id,
-                            persistent=row.persistent,
-                        )
-                    except PublishRejected as exc:
-                        if not _is_reply(row):
-                            raise
-                        # A reply the broker refused by itself (its caller is gone, or never
-                        # was): only this reply is lost, nothing waits behind it.
-                        log.warning("relay: reply to %s dropped: %s", row.routing_key, exc)
+                for row in others:
+                    await self._publish(row)
                     done.append(row.id)
             except PublishRejected as exc:
                 log.warning("relay: the broker refused a message: %s", exc)
                 await tx.outbox.delete(done)
-                refused = rows[len(done)]
+                refused = others[len(done) - len(replies)]
                 if await tx.outbox.rejected(refused.id) >= MAX_REJECTIONS:
                     log.error("relay: dropping undeliverable message to %s", refused.routing_key)
                     await tx.outbox.delete([refused.id])
@@ -88,4 +85,26 @@ class Relay:
                 await asyncio.sleep(0.5)
                 return 0
             await tx.outbox.delete(done)
+            if len(done) < len(rows):
+                await asyncio.sleep(0.5)
+                return 0
             return len(rows)
+
+    async def _publish(self, row: OutboxRow) -> None:
+        await self.bus.publish(
+            row.exchange,
+            row.routing_key,
+            encode(row.body),
+            correlation_id=row.correlation_id,
+            message_id=row.message_id,
+            persistent=row.persistent,
+        )
+
+    async def _publish_reply(self, row: OutboxRow) -> bool:
+        """True once the reply is published, or dropped because the broker refused it by
+        itself (its caller is gone, or never was): only that reply is lost."""
+        try:
+            await self._publish(row)
+        except PublishRejected as exc:
+            log.warning("relay: reply to %s dropped: %s", row.routing_key[:300], exc)
+        return True

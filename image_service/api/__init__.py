@@ -16,7 +16,7 @@ from image_service.api.images import (
     get_image_source,
     update_image,
 )
-from image_service.api.queries import query_backup_storage, query_image, query_user_tag
+from image_service.api.queries import admit, query_backup_storage, query_image, query_user_tag
 from image_service.api.tags import create_user_tag, delete_tag
 from image_service.api.templates import (
     create_data_template_from_volume,
@@ -30,7 +30,7 @@ APIS: dict[str, Api] = {
     "DeleteImage": Api(params.DeleteImage, delete_image),
     "ChangeImageState": Api(params.ChangeImageState, change_image_state),
     "UpdateImage": Api(params.UpdateImage, update_image),
-    "QueryImage": Api(params.Query, query_image, read_only=True),
+    "QueryImage": Api(params.Query, query_image, read_only=True, admit=admit),
     "GetImageSource": Api(params.GetImageSource, get_image_source),
     "CreateRootVolumeTemplateFromRootVolume": Api(
         params.CreateRootVolumeTemplateFromRootVolume, create_root_template_from_volume
@@ -41,10 +41,10 @@ APIS: dict[str, Api] = {
     "CreateDataVolumeTemplateFromVolume": Api(
         params.CreateDataVolumeTemplateFromVolume, create_data_template_from_volume
     ),
-    "QueryBackupStorage": Api(params.Query, query_backup_storage, read_only=True),
+    "QueryBackupStorage": Api(params.Query, query_backup_storage, read_only=True, admit=admit),
     "ChangeBackupStorageState": Api(params.ChangeBackupStorageState, change_backup_storage_state),
     "DeleteBackupStorage": Api(params.DeleteBackupStorage, delete_backup_storage),
     "CreateUserTag": Api(params.CreateUserTag, create_user_tag),
     "DeleteTag": Api(params.DeleteTag, delete_tag),
-    "QueryUserTag": Api(params.Query, query_user_tag, read_only=True),
+    "QueryUserTag": Api(params.Query, query_user_tag, read_only=True, admit=admit),
 }

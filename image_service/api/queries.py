@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, nullcontext
 from typing import Any
 
 from image_service import params
@@ -35,22 +36,25 @@ def _project(inventories: list[dict[str, Any]], fields: tuple[str, ...] | None) 
 # Queries with many conditions, or several on related inventories, cost the database far more
 # than the ordinary ones (a uuid, a name): they take turns, at most HEAVY_AT_ONCE per replica,
 # so that a flood of them leaves connections and CPU to everything else (contract section 8).
+# The pipeline waits for the turn before it takes a connection (Api.admit).
 HEAVY_CONDITIONS = 8
 HEAVY_RELATED = 2
 HEAVY_AT_ONCE = 2
 _heavy_turns = asyncio.Semaphore(HEAVY_AT_ONCE)
 
 
-def is_heavy(p: params.Query, compiled: CompiledQuery) -> bool:
-    return len(p.conditions) > HEAVY_CONDITIONS or compiled.related > HEAVY_RELATED
+def is_heavy(p: params.Query) -> bool:
+    related = sum(1 for c in p.conditions if "." in c.name or c.name == "__userTag__")
+    return len(p.conditions) > HEAVY_CONDITIONS or related > HEAVY_RELATED
+
+
+def admit(p: params.Query) -> AbstractAsyncContextManager[None]:
+    """The turn a query waits for before it may use the database."""
+    return _heavy_turns if is_heavy(p) else nullcontext()
 
 
 async def _query(ctx: Ctx, entity: Entity, p: params.Query, load: Loader) -> Outcome:
-    compiled = compile_query(entity, p)
-    if not is_heavy(p, compiled):
-        return await _run(ctx, p, compiled, load)
-    async with _heavy_turns:
-        return await _run(ctx, p, compiled, load)
+    return await _run(ctx, p, compile_query(entity, p), load)
 
 
 async def _run(ctx: Ctx, p: params.Query, compiled: CompiledQuery, load: Loader) -> Outcome:

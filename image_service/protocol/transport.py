@@ -25,14 +25,13 @@ from aio_pika.abc import (
 )
 
 from image_service.protocol.broker import Broker
+from image_service.protocol.direct_reply import PREFIX as DIRECT_REPLY_PREFIX
+from image_service.protocol.direct_reply import DirectReplyNodes, Route
 from image_service.protocol.names import Names
 
 log = logging.getLogger(__name__)
 
 PUBLISH_TIMEOUT = 10.0
-# RabbitMQ's direct reply-to names. A publish to a malformed one makes RabbitMQ (3.10) close the
-# publishing connection with INTERNAL_ERROR, failing every publish in flight on it.
-DIRECT_REPLY_PREFIX = "amq.rabbitmq.reply-to."
 # A message that makes its handler fail this many times is parked on NS.dead, not looped.
 DELIVERY_LIMIT = 10
 
@@ -116,6 +115,9 @@ class Bus:
         self._reply_connection: aio_pika.abc.AbstractConnection | None = None
         self._reply_channel: AbstractChannel | None = None
         self._reply_lock = asyncio.Lock()
+        self._direct_nodes = DirectReplyNodes()
+        # The broker is a RabbitMQ 3.x, whose direct reply-to names direct_reply.py can read.
+        self._rabbitmq_3 = True
         self._consume_channels: list[AbstractChannel] = []
         # Strong references: connect_robust only restores what is still referenced.
         self._queues: list[AbstractQueue] = []
@@ -138,6 +140,10 @@ class Bus:
         self.connection = await self._connect("")
         self.publish_connection = await self._connect("publish")
         self._publish_channel = await self.publish_connection.channel(publisher_confirms=True)
+        transport = self.publish_connection.transport
+        if transport is not None:
+            version = transport.connection.server_properties.get("version")
+            self._rabbitmq_3 = str(version or "").startswith("3.")
 
     def _channel(self) -> AbstractChannel:
         assert self._publish_channel is not None, "Bus.connect() first"
@@ -276,20 +282,30 @@ class Bus:
         """A forged or malformed direct reply-to name costs only its own reply.
 
         The broker answers one by closing the whole connection, failing the other replies in
-        flight on it too. So a reply whose publish fails on the shared reply connection is
-        tried once more alone, on a connection of its own: if the broker refuses it there, it
-        was the culprit (PublishRejected, and its caller drops it); the others go through."""
-        channel = await self._reply_channel_now()
-        try:
-            await _publish_or_reject(channel.default_exchange, message, reply_to)
-            return
-        except Unroutable:
-            raise
-        except _RETRY_ALONE as exc:
-            log.info(
-                "reply connection lost publishing to %s (%r); retrying it alone", reply_to, exc
-            )
-            await self._drop_reply_connection(channel)
+        flight on it too. A name that cannot be one is refused without a publish; a name on a
+        broker node that has not taken a direct reply yet is tried alone, on a connection of
+        its own (direct_reply.py). On the shared reply connection, a reply whose publish fails
+        is tried once more alone: if the broker refuses it there, it was the culprit
+        (PublishRejected, and its caller drops it); the others go through."""
+        check = self._rabbitmq_3
+        route = self._direct_nodes.route(reply_to, check_pid=check)
+        if route is Route.REFUSE:
+            raise PublishRejected(f"{reply_to[:300]}: not a deliverable direct reply-to name")
+        if route is Route.SHARED:
+            channel = await self._reply_channel_now()
+            try:
+                await _publish_or_reject(channel.default_exchange, message, reply_to)
+                return
+            except Unroutable:
+                raise
+            except _RETRY_ALONE as exc:
+                log.info("reply connection lost publishing to %s (%r); retrying it alone",
+                         reply_to[:300], exc)  # fmt: skip
+                await self._drop_reply_connection(channel)
+        await self._publish_alone(message, reply_to)
+        self._direct_nodes.delivered(reply_to, check_pid=check)
+
+    async def _publish_alone(self, message: aio_pika.Message, reply_to: str) -> None:
         connection = await aio_pika.connect(
             self.broker.url,
             ssl_context=self.broker.ssl_context,
@@ -300,7 +316,7 @@ class Bus:
             try:
                 await _publish_or_reject(alone.default_exchange, message, reply_to)
             except _CONNECTION_LOST as exc:
-                raise PublishRejected(f"{reply_to}: {exc!r}") from exc
+                raise PublishRejected(f"{reply_to[:300]}: {exc!r}") from exc
         finally:
             with contextlib.suppress(*_CONNECTION_LOST):
                 await connection.close()

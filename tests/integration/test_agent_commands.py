@@ -9,9 +9,10 @@ import json
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 from tests.conftest import Stack
-from tests.helpers import error_of, publish, wait_for, wait_no_files
+from tests.helpers import add_ready, error_of, md5_of, publish, wait_for, wait_no_files
 
 
 def snapshot(root: Path) -> list[str]:
@@ -97,5 +98,95 @@ async def test_a_success_that_names_no_file_fails_its_op_and_answers_the_caller(
     reply = await asyncio.wait_for(task, 30)
     assert error_of(reply)["code"] == "OPERATION_ERROR", reply
     assert error_of(reply)["details"] == "the agent reported success without the stored file"
+    assert await stack.db.fetchval("SELECT count(*) FROM image") == 0
+    await wait_no_files(agent)
+
+
+async def test_the_agent_never_overwrites_or_removes_another_images_file(stack: Stack) -> None:
+    """Agent hygiene (contract section 8), even for commands that pass as the service's: a
+    command touches only its own image's directory, and a download never replaces the file that
+    another finished op stored. Only a delete naming the image removes it."""
+    agent = await stack.start_agent("bs1")
+    ready = await add_ready(stack, [agent], name="golden")
+    path = Path(ready["backupStorageRefs"][0]["installPath"])
+    md5 = md5_of(path)
+    url, _ = stack.http.add("evil.raw", b"evil bytes" * 1000)
+    queue = stack.names.agent(agent.uuid)
+    commands = {
+        # Another image's id, aiming at the golden image's file.
+        "download into another image's directory": {
+            "command": "download", "url": url, "format": "raw",
+            "imageUuid": uuid.uuid4().hex, "installPath": str(path),
+        },
+        # The golden image's own id, but a new op: the file is another op's.
+        "download over a stored file": {
+            "command": "download", "url": url, "format": "raw",
+            "imageUuid": ready["uuid"], "installPath": str(path),
+        },
+        "delete naming another image": {
+            "command": "delete", "imageUuid": uuid.uuid4().hex, "installPath": str(path),
+        },
+    }  # fmt: skip
+    ops = {}
+    for name, command in commands.items():
+        op_id = str(uuid.uuid4())
+        ops[name] = op_id
+        body = {**command, "opId": op_id, "backupStorageUuid": agent.uuid}
+        await publish(queue, json.dumps(body).encode(), message_id=op_id)
+
+    journal = agent.root / ".agent" / "ops"
+
+    def result_of(op_id: str) -> dict[str, object] | None:
+        path = journal / f"{op_id}.json"
+        result = json.loads(path.read_text())["result"] if path.exists() else None
+        return result if isinstance(result, dict) else None
+
+    async def all_answered() -> bool:
+        return all(result_of(op) is not None for op in ops.values())
+
+    await wait_for(all_answered, timeout=20)
+    results: dict[str, Any] = {name: result_of(op) for name, op in ops.items()}
+    assert results["download into another image's directory"]["code"] == "INVALID_ARGUMENT"
+    assert (
+        "not in the directory of image"
+        in results["download into another image's directory"]["details"]
+    )
+    assert results["download over a stored file"]["code"] == "OPERATION_ERROR"
+    assert "already holds the image" in results["download over a stored file"]["details"]
+    assert path.exists() and md5_of(path) == md5, "the golden image is untouched"
+    assert "not in the directory of image" in agent.proc.log()  # the refused delete
+    assert stack.http.hits.get("evil.raw", 0) <= 1  # fetched at most once, never stored
+
+    # The image's own delete, through the service, still removes it.
+    reply = await stack.call("DeleteImage", {"uuid": ready["uuid"]})
+    assert reply["success"], reply
+    await wait_no_files(agent)
+
+
+async def test_a_result_that_names_another_path_fails_its_op_and_records_nothing(
+    stack: Stack,
+) -> None:
+    """A result from the right agent is applied only with the installPath its command named."""
+    agent = await stack.start_agent("bs1")
+    stack.http.add("slow.raw", os.urandom(4 * 2**20))
+    task = asyncio.create_task(
+        stack.add_image(stack.http.url(f"slow/slow.raw?rate={2**19}"), [agent], name="slow")
+    )
+
+    async def pending_op() -> str | None:
+        op_id = await stack.db.fetchval("SELECT op_id FROM op WHERE status = 'Pending'")
+        return str(op_id) if op_id else None
+
+    op_id = await wait_for(pending_op, timeout=10)
+    body = {
+        "opId": op_id, "backupStorageUuid": agent.uuid, "success": True,
+        "installPath": "/etc/passwd", "size": 1, "actualSize": 1, "virtualSize": 2**40,
+        "md5Sum": "0" * 32, "format": "raw",
+    }  # fmt: skip
+    await publish(stack.names.results, json.dumps(body).encode(), message_id=op_id)
+    reply = await asyncio.wait_for(task, 30)
+    assert error_of(reply)["code"] == "OPERATION_ERROR", reply
+    paths = await stack.db.fetch("SELECT install_path FROM image_backup_storage_ref")
+    assert all(row[0] != "/etc/passwd" for row in paths)
     assert await stack.db.fetchval("SELECT count(*) FROM image") == 0
     await wait_no_files(agent)

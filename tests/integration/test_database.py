@@ -287,6 +287,37 @@ async def test_migrate_creates_a_missing_database() -> None:
         await _drop_database(dbname)
 
 
+async def test_database_url_tls_parameters_reach_the_driver() -> None:
+    """Contract section 8: a database url keeps its `sslmode` (and certificate parameters). This
+    machine's PostgreSQL has TLS off, so `sslmode=require` must fail, including on the path
+    that creates a missing database, while `sslmode=disable` works: the parameter was used."""
+    dbname = f"images_ssl{uuid.uuid4().hex[:12]}"
+
+    def migrate_with(query: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "image_service.main", "migrate",
+             "--database-url", f"{PG_URL}/{dbname}?{query}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )  # fmt: skip
+
+    try:
+        refused = migrate_with("sslmode=require")
+        assert refused.returncode != 0
+        assert "SSL" in refused.stderr or "ssl" in refused.stderr, refused.stderr[-2000:]
+        admin = await asyncpg.connect(f"{PG_URL}/postgres")
+        try:
+            missing = await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", dbname)
+        finally:
+            await admin.close()
+        assert missing is None, "nothing was created without the TLS the url asked for"
+        done = migrate_with("sslmode=disable")
+        assert done.returncode == 0, done.stderr
+    finally:
+        await _drop_database(dbname)
+
+
 # --- lock order -----------------------------------------------------------------------------
 
 
