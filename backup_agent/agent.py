@@ -204,7 +204,11 @@ class Agent:
         while True:
             try:
                 await self.bus.publish(
-                    "", self.names.results, body, message_id=entry.op_id, persistent=True
+                    self.names.agent_messages,
+                    self.names.result_key(self.uuid),
+                    body,
+                    message_id=entry.op_id,
+                    persistent=True,
                 )
                 break
             except Exception as exc:
@@ -242,8 +246,8 @@ class Agent:
                     sentAt=time.time(),
                 )
                 await self.bus.publish(
-                    "",
-                    self.names.heartbeats,
+                    self.names.agent_messages,
+                    self.names.heartbeat_key(self.uuid),
                     beat.model_dump_json().encode(),
                     persistent=False,
                     expiration=max(1.0, interval * 2),

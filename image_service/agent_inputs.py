@@ -2,10 +2,12 @@
 (`NS.heartbeats`). Each is validated with the protocol's model; an invalid one is logged and
 dropped (acked), since sending it again would not make it valid.
 
-Who sent it is proven by the broker-validated `user_id` (contract section 8): a backup storage
-belongs to the broker user of its first heartbeat (one the `--agent-user-pattern` admits), and
-only that user's heartbeats and results count for it. Anything else is dropped with a log line
-and changes nothing.
+Who sent it is proven by the broker (contract section 8): agents publish to the topic exchange
+`NS.agents` under `result.<uuid>` / `heartbeat.<uuid>`, keys that topic permissions reserve to
+that backup storage's broker user, with the broker-validated `user_id`. A backup storage belongs
+to the broker user of its first heartbeat (one the `--agent-user-pattern` admits), and only that
+user's heartbeats and results count for it. Anything else is dropped with a log line and
+changes nothing.
 """
 
 from __future__ import annotations
@@ -26,11 +28,20 @@ from image_service.protocol.transport import Bus, Incoming
 log = logging.getLogger(__name__)
 
 
-def _sender(msg: Incoming, what: str) -> str | None:
-    if msg.exchange != "":
-        # Published to an exchange bound to this queue, not straight to the queue: not an
-        # agent's (agents publish to the default exchange).
-        log.warning("%s dropped: it came through exchange %r", what, msg.exchange[:255])
+def _sender(msg: Incoming, what: str, exchange: str, key: str) -> str | None:
+    """The broker user that sent an agent's message, or None (logged) when the message cannot
+    be an agent's: not published to the agents' exchange under the key of the backup storage
+    it speaks for (which the broker's topic permissions reserve to that backup storage's
+    user), or without `user_id`."""
+    if msg.exchange != exchange or msg.routing_key != key:
+        log.warning(
+            "%s dropped: published to %r with key %r, not to %r with key %r",
+            what,
+            msg.exchange[:255],
+            (msg.routing_key or "")[:255],
+            exchange,
+            key,
+        )
         return None
     if not msg.user_id:
         log.warning("%s dropped: it has no user_id, so its sender is unknown", what)
@@ -45,25 +56,37 @@ class AgentInputs:
         self.agent_users = agent_users
 
     async def on_result(self, msg: Incoming) -> None:
-        user = _sender(msg, f"agent result {msg.message_id}")
-        if user is None:
-            return
         try:
             result = AgentResult.model_validate_json(msg.body)
         except ValidationError as exc:
             log.warning("malformed agent result dropped: %s", validation_details(exc))
             return
+        names = self.transactions.names
+        user = _sender(
+            msg,
+            f"result of op {result.opId}",
+            names.agent_messages,
+            names.result_key(result.backupStorageUuid),
+        )
+        if user is None:
+            return
         async with self.transactions.open() as ctx:
             await apply_result(ctx, result, sender=user)
 
     async def on_heartbeat(self, msg: Incoming) -> None:
-        user = _sender(msg, "heartbeat")
-        if user is None:
-            return
         try:
             beat = Heartbeat.model_validate_json(msg.body)
         except ValidationError as exc:
             log.warning("malformed heartbeat dropped: %s", validation_details(exc))
+            return
+        names = self.transactions.names
+        user = _sender(
+            msg,
+            f"heartbeat of backup storage {beat.uuid}",
+            names.agent_messages,
+            names.heartbeat_key(beat.uuid),
+        )
+        if user is None:
             return
         async with self.transactions.open() as ctx:
             owner = await ctx.tx.backup_storages.owner_for_update(beat.uuid)

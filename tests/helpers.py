@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import aio_pika
 import asyncpg
 
+from image_service.protocol.names import Names
 from tests.conftest import AMQP_URL, TEST_USER, Agent, EventRecorder, Stack, wait_for
 
 __all__ = [
@@ -162,6 +163,22 @@ async def publish(
                 **properties,
             ),
             routing_key=routing_key,
+            timeout=10,
+        )
+
+
+async def publish_result(names: Names, backup_storage_uuid: str, body: bytes, **props: Any) -> None:
+    """Publish an agent result the way agents do: on `NS.agents` under `result.<uuid>`, as the
+    test stack's shared broker user (so it passes as that agent's)."""
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(names.agent_messages, ensure=False)
+        await exchange.publish(
+            aio_pika.Message(
+                body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, user_id=TEST_USER, **props
+            ),
+            routing_key=names.result_key(backup_storage_uuid),
             timeout=10,
         )
 

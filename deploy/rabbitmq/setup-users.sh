@@ -19,17 +19,21 @@
 #
 # What each user may do (NS = the namespace):
 #   image-service        declares and consumes NS.api, NS.results, NS.heartbeats,
-#                        NS.volume-events and NS.dead; declares every NS.agent.<uuid>; publishes
-#                        replies and commands (default exchange) and image.* / backupStorage.*
-#                        events on NS.events; binds volume.* / volumeSnapshot.* from NS.events.
-#   backup-agent-UUID    declares and consumes only NS.agent.UUID; publishes results and
-#                        heartbeats (default exchange) and image.progress.* on NS.events. Other
-#                        agents' queues, the results and the API queue are out of its reach.
+#                        NS.volume-events and NS.dead; declares the exchanges and every
+#                        NS.agent.<uuid>; publishes replies and commands (default exchange) and
+#                        image.* / backupStorage.* events on NS.events; binds volume.* /
+#                        volumeSnapshot.* from NS.events.
+#   backup-agent-UUID    declares and consumes only NS.agent.UUID; publishes its results and
+#                        heartbeats on NS.agents under result.UUID and heartbeat.UUID only, and
+#                        image.progress.* on NS.events. It may not publish to the default
+#                        exchange at all: other agents' queues, NS.results, NS.heartbeats and the
+#                        API queue are out of its reach, for reading and for writing.
 #   image-cli            its own server-named reply queues (amq.gen-*); publishes API requests
 #                        (default exchange); binds to NS.events for progress.
-# The default exchange reaches every queue: what any user sends there is told apart by its
-# broker-validated user_id (the service takes heartbeats and results for a backup storage only
-# from the user of its first heartbeat; agents take commands only from image-service).
+# The default exchange reaches every queue, so what a client sends there is told apart by its
+# broker-validated user_id: agents take commands only from image-service; the service takes
+# results and heartbeats only from NS.agents, for a backup storage only from the user of its
+# first heartbeat.
 set -eu
 
 VHOST="${IMAGE_VHOST:-images}"
@@ -130,9 +134,9 @@ init)
         ctl add_vhost "$VHOST"
     fi
     user "$SERVICE_USER" IMAGE_SERVICE_PASSWORD \
-        "^$N\\.(api|results|heartbeats|volume-events|events|dead|agent\\.[0-9a-f]{32})\$" \
-        "^(amq\\.default|$N\\.(events|dead|volume-events))\$" \
-        "^$N\\.(api|results|heartbeats|volume-events|events|dead|agent\\.[0-9a-f]{32})\$"
+        "^$N\\.(api|results|heartbeats|volume-events|events|agents|dead|agent\\.[0-9a-f]{32})\$" \
+        "^(amq\\.default|$N\\.(events|dead|volume-events|results|heartbeats))\$" \
+        "^$N\\.(api|results|heartbeats|volume-events|events|agents|dead|agent\\.[0-9a-f]{32})\$"
     topic "$SERVICE_USER" '^(image|backupStorage)\.' '^(volume|volumeSnapshot)\.'
     user "$CLI_USER" IMAGE_CLI_PASSWORD \
         "^amq\\.gen-.*\$" \
@@ -146,9 +150,12 @@ init)
 add-agent)
     user "$AGENT_USER" BACKUP_AGENT_PASSWORD \
         "^$N\\.agent\\.$AGENT\$" \
-        "^(amq\\.default|$N\\.(events|dead))\$" \
+        "^$N\\.(agents|events|dead)\$" \
         "^$N\\.agent\\.$AGENT\$"
     topic "$AGENT_USER" '^image\.progress\.' '^$'
+    ctl set_topic_permissions -p "$VHOST" "$AGENT_USER" "$NS.agents" \
+        "^(result|heartbeat)\\.$AGENT\$" '^$' >/dev/null
+    echo "  on exchange $NS.agents: publish keys '^(result|heartbeat)\\.$AGENT\$' only"
     echo "done. Start the agent with --backup-storage-uuid $AGENT --service-user $SERVICE_USER"
     echo "  and IMAGE_AMQP_URL=amqp(s)://$AGENT_USER:PASSWORD@HOST/$VHOST"
     ;;

@@ -22,6 +22,21 @@ class Names:
         return f"{self.namespace}.heartbeats"
 
     @property
+    def agent_messages(self) -> str:
+        """The topic exchange agents publish their results (`result.<uuid>`) and heartbeats
+        (`heartbeat.<uuid>`) to: the broker's topic permissions let each agent's user publish
+        only under its own backup storage's uuid (deploy/rabbitmq/setup-users.sh)."""
+        return f"{self.namespace}.agents"
+
+    @staticmethod
+    def result_key(backup_storage_uuid: str) -> str:
+        return f"result.{backup_storage_uuid}"
+
+    @staticmethod
+    def heartbeat_key(backup_storage_uuid: str) -> str:
+        return f"heartbeat.{backup_storage_uuid}"
+
+    @property
     def events(self) -> str:
         return f"{self.namespace}.events"
 

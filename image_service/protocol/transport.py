@@ -150,8 +150,8 @@ class Bus:
         return self._publish_channel
 
     async def _declare_shared(self, channel: AbstractChannel) -> AbstractExchange:
-        """What service and agents both use: events, dead letters, results, heartbeats.
-        Returns the events exchange."""
+        """What service and agents both use: events, dead letters, results, heartbeats and the
+        exchange agents publish them to. Returns the events exchange."""
         events = await channel.declare_exchange(
             self.names.events, aio_pika.ExchangeType.TOPIC, durable=True
         )
@@ -160,10 +160,15 @@ class Bus:
         )
         dead_queue = await channel.declare_queue(self.names.dead_letters, durable=True)
         await dead_queue.bind(dead)
-        await channel.declare_queue(
+        agents = await channel.declare_exchange(
+            self.names.agent_messages, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        results = await channel.declare_queue(
             self.names.results, durable=True, arguments=self.work_queue_arguments()
         )
-        await channel.declare_queue(self.names.heartbeats, durable=True)
+        await results.bind(agents, routing_key=self.names.result_key("*"))
+        heartbeats = await channel.declare_queue(self.names.heartbeats, durable=True)
+        await heartbeats.bind(agents, routing_key=self.names.heartbeat_key("*"))
         return events
 
     async def declare_topology(self) -> None:
@@ -241,7 +246,7 @@ class Bus:
             target = channel.default_exchange
         elif exchange == self.names.events and self._events is not None:
             target = self._events
-        else:
+        else:  # not declared by this process (it may not be allowed to): must exist
             target = await channel.get_exchange(exchange, ensure=False)
         await _publish_or_reject(target, message, routing_key)
 

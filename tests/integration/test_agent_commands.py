@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import Stack
-from tests.helpers import add_ready, error_of, md5_of, publish, wait_for, wait_no_files
+from tests.helpers import (
+    add_ready,
+    error_of,
+    md5_of,
+    publish,
+    publish_result,
+    wait_for,
+    wait_no_files,
+)
 
 
 def snapshot(root: Path) -> list[str]:
@@ -94,7 +102,7 @@ async def test_a_success_that_names_no_file_fails_its_op_and_answers_the_caller(
 
     op_id = await wait_for(pending_op, timeout=10)
     body = {"opId": op_id, "backupStorageUuid": agent.uuid, "success": True}
-    await publish(stack.names.results, json.dumps(body).encode(), message_id=op_id)
+    await publish_result(stack.names, agent.uuid, json.dumps(body).encode(), message_id=op_id)
     reply = await asyncio.wait_for(task, 30)
     assert error_of(reply)["code"] == "OPERATION_ERROR", reply
     assert error_of(reply)["details"] == "the agent reported success without the stored file"
@@ -183,7 +191,7 @@ async def test_a_result_that_names_another_path_fails_its_op_and_records_nothing
         "installPath": "/etc/passwd", "size": 1, "actualSize": 1, "virtualSize": 2**40,
         "md5Sum": "0" * 32, "format": "raw",
     }  # fmt: skip
-    await publish(stack.names.results, json.dumps(body).encode(), message_id=op_id)
+    await publish_result(stack.names, agent.uuid, json.dumps(body).encode(), message_id=op_id)
     reply = await asyncio.wait_for(task, 30)
     assert error_of(reply)["code"] == "OPERATION_ERROR", reply
     paths = await stack.db.fetch("SELECT install_path FROM image_backup_storage_ref")
