@@ -66,14 +66,16 @@ class Relay:
             if len(done) < len(replies):
                 failed = next(e for e in outcomes if e is not True)
                 log.warning("relay: publishing replies failed, will retry: %r", failed)
+            published = 0
             try:
                 for row in others:
                     await self._publish(row)
                     done.append(row.id)
+                    published += 1
             except PublishRejected as exc:
                 log.warning("relay: the broker refused a message: %s", exc)
                 await tx.outbox.delete(done)
-                refused = others[len(done) - len(replies)]
+                refused = others[published]
                 if await tx.outbox.rejected(refused.id) >= MAX_REJECTIONS:
                     log.error("relay: dropping undeliverable message to %s", refused.routing_key)
                     await tx.outbox.delete([refused.id])

@@ -1,15 +1,33 @@
 """Who may say what on the bus (contract section 8), attacked on the real broker.
 
 One deployment for the whole module, on a vhost of its own, with the least-privilege users that
-deploy/rabbitmq/setup-users.sh creates: the service as `NS-image-service`, two agents as
+deploy/rabbitmq/setup-users.sh creates: the service as `NS-image-service`, two agents A and B as
 `NS-backup-agent-<uuid>` (each pinned to its uuid, taking commands only from the service), the
 test's client as `NS-image-cli`. The attacker, `NS-mallory`, holds ordinary broker credentials:
 the same permissions as `NS-image-cli`, as another tenant's console would. The test's own broker
-user (guest) gets full rights on the vhost, to inspect queues and to play the volume service.
+user (guest) gets full rights on the vhost, to inspect queues, to play the volume service, and
+to stand for a user that could publish anything anywhere (the service's last line of defence).
 
-Each attack is replayed unsigned, signed by mallory and, where it applies, signed by the other
-agent's user; then the database rows, the files and their md5 must be exactly as before, the
-service or agent must have logged why it dropped the message, and ordinary calls still work.
+Two layers are attacked:
+- the broker's permissions. An agent's user may publish only to `NS.agents` under its own keys
+  `result.<uuid>` / `heartbeat.<uuid>` (topic permissions), to `NS.events` under
+  `image.progress.*`, and never to the default exchange: it can neither speak for another
+  backup storage (nor squat a newly enrolled one's uuid), nor send commands to another agent,
+  nor call the API. Mallory cannot publish to `NS.agents` at all, nor read or reconfigure
+  anyone's queues, nor sign as someone else. Each refusal's ACCESS_REFUSED / PRECONDITION_FAILED
+  text is asserted.
+- the service's and the agents' own checks, for what the broker lets through. The service drops
+  a result or heartbeat that did not come through `NS.agents` under the key of the backup
+  storage its body names (say straight to `NS.results` through the default exchange, or through
+  amq.direct), that has no user_id, that comes from a user other than its backup storage's, or
+  (results) that names another backup storage's op or a file other than the command's; an agent
+  drops a command not signed by the service's user; the service drops volume events that did
+  not come through `NS.events` and never replies to its internal queues.
+
+Each attack is replayed unsigned, signed by mallory and, where it applies, by the other agent's
+user; then the database rows, the files and their md5 must be exactly as before, the service or
+agent must have logged why it dropped the message (or the broker refused it), and ordinary calls
+still work.
 """
 
 from __future__ import annotations
@@ -53,7 +71,6 @@ from tests.helpers import (
     heartbeats_handled,
     install_path,
     md5_of,
-    publish,
     query_image,
     wait_disconnected,
 )
@@ -257,6 +274,43 @@ class TrustStack(Stack):
                 await queue.unbind(direct, routing_key=key)
         return message_id
 
+    async def send_on(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes | dict[str, Any],
+        *,
+        user: str,
+        signed: bool = True,
+        **properties: Any,
+    ) -> str:
+        """Publish to `exchange` ("" for the default exchange) as broker user `user` (TEST_USER
+        for the test's own), with its `user_id` when `signed` (none otherwise; `user_id=` signs
+        as another), waiting for the broker's confirm. Returns the message id."""
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        message_id = properties.pop("message_id", None) or uuid.uuid4().hex
+        user_id = properties.pop("user_id", user if signed else None)
+        connection = await aio_pika.connect(self.admin_url if user == TEST_USER else self.url(user))
+        async with connection:
+            channel = await connection.channel(publisher_confirms=True)
+            target = (
+                channel.default_exchange
+                if exchange == ""
+                else await channel.get_exchange(exchange, ensure=False)
+            )
+            await target.publish(
+                aio_pika.Message(
+                    data,
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    user_id=user_id,
+                    message_id=message_id,
+                    **properties,
+                ),
+                routing_key=routing_key,
+                timeout=10,
+            )
+        return message_id
+
     async def send(
         self,
         routing_key: str,
@@ -266,19 +320,48 @@ class TrustStack(Stack):
         signed: bool = True,
         **properties: Any,
     ) -> str:
-        """Publish to the default exchange as broker user `user`, with its `user_id` when
-        `signed` (none otherwise). Returns the message id."""
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        message_id = properties.pop("message_id", None) or uuid.uuid4().hex
-        await publish(
-            routing_key,
-            data,
-            url=self.url(user),
-            user_id=user if signed else None,
-            message_id=message_id,
-            **properties,
+        """`send_on` the default exchange: straight to the queue `routing_key`."""
+        return await self.send_on("", routing_key, body, user=user, signed=signed, **properties)
+
+    async def send_result(
+        self, key_uuid: str, body: dict[str, Any], *, user: str, signed: bool = True
+    ) -> str:
+        """A result on `NS.agents` under `result.<key_uuid>`, as agents publish theirs."""
+        names = self.names
+        return await self.send_on(
+            names.agent_messages, names.result_key(key_uuid), body, user=user, signed=signed
         )
-        return message_id
+
+    async def send_heartbeat(
+        self, key_uuid: str, body: dict[str, Any], *, user: str, signed: bool = True
+    ) -> str:
+        """A heartbeat on `NS.agents` under `heartbeat.<key_uuid>`, as agents publish theirs."""
+        names = self.names
+        return await self.send_on(
+            names.agent_messages, names.heartbeat_key(key_uuid), body, user=user, signed=signed
+        )
+
+    def exchange_refused(self, exchange: str, user: str) -> str:
+        """The broker's refusal of a publish (or bind) for want of permission on `exchange`."""
+        return (
+            f"ACCESS_REFUSED - access to exchange '{exchange or 'amq.default'}' in vhost"
+            f" '{self.vhost}' refused for user '{user}'"
+        )
+
+    def topic_refused(self, exchange: str, key: str, user: str) -> str:
+        """The broker's refusal of a publish under `key` for want of topic permission."""
+        return (
+            f"ACCESS_REFUSED - access to topic '{key}' in exchange '{exchange}' in vhost"
+            f" '{self.vhost}' refused for user '{user}'"
+        )
+
+    def dropped_route(self, what: str, exchange: str, key: str, expected_key: str) -> str:
+        """The service's log line for an agent's message that did not come through NS.agents
+        under the key of the backup storage its body names."""
+        return (
+            f"{what} dropped: published to {exchange!r} with key {key!r}, not to"
+            f" {self.names.agent_messages!r} with key {expected_key!r}"
+        )
 
 
 async def _api_consumed(stack: TrustStack) -> bool:
@@ -540,6 +623,12 @@ async def raises_refused(
     return str(info.value)
 
 
+async def assert_refused(expected: str, action: Awaitable[Any]) -> None:
+    """Await `action`, which the broker must refuse with `expected` (ACCESS_REFUSED)."""
+    text = await raises_refused(lambda: action)
+    assert expected in text, (expected, text)
+
+
 def forged_result(op_id: str, bs_uuid: str) -> dict[str, Any]:
     """A Ready for `op_id`: /etc/passwd as the image, an md5 of zeros, a virtual size of 1 TiB."""
     return {
@@ -653,37 +742,64 @@ async def test_least_privilege_users_run_the_whole_service(trust: TrustStack) ->
 
 
 async def test_forged_results_for_a_finished_op_change_nothing(trust: TrustStack) -> None:
+    """Forged Ready results (/etc/passwd, md5 of zeros, 1 TiB) for A's finished op, by every
+    path: the broker refuses what it can, the service drops the rest, nothing changes."""
     stack = trust
     a, b = agents_of(stack)
+    names = stack.names
+    agents_exchange = names.agent_messages
     inventory = await add_ready(stack, [a], name="finished")
     op_id = await op_of(stack, inventory["uuid"], a)
     db_before, files_before = await settled_state(stack), files_state(a, b)
     passwd_md5 = md5_of("/etc/passwd")
     log = Since(stack.service)
-    results = stack.names.results
+    results = names.results
     forged = forged_result(op_id, a.uuid)
+    what = f"result of op {op_id}"
+    key_a, key_b = names.result_key(a.uuid), names.result_key(b.uuid)
+    user_a, user_b = stack.agent_user(a), stack.agent_user(b)
 
-    unsigned = await stack.send(results, forged, user=stack.mallory, signed=False)
+    # Straight to NS.results through the default exchange (mallory may write there).
+    await stack.send(results, forged, user=stack.mallory, signed=False)
     await stack.send(results, forged, user=stack.mallory)
-    await stack.send(results, forged, user=stack.agent_user(b))
-    # The other agent, claiming the op for its own backup storage.
-    await stack.send(results, forged_result(op_id, b.uuid), user=stack.agent_user(b))
-    # The rightful agent itself, replaying the op with another path (a compromised host).
-    await stack.send(results, forged, user=stack.agent_user(a))
-    # Through an exchange bound to the results queue, not the default exchange.
+    # Through an exchange bound to the results queue for the moment (the test's own user).
     routed = await stack.send_through_exchange(results, forged)
+    # Mallory has no write on NS.agents; agent B none on the default exchange, and may publish
+    # on NS.agents under its own keys only.
+    for signed in (False, True):
+        await assert_refused(
+            stack.exchange_refused(agents_exchange, stack.mallory),
+            stack.send_result(a.uuid, forged, user=stack.mallory, signed=signed),
+        )
+    await assert_refused(
+        stack.exchange_refused("", user_b), stack.send(results, forged, user=user_b)
+    )
+    await assert_refused(
+        stack.topic_refused(agents_exchange, key_a, user_b),
+        stack.send_result(a.uuid, forged, user=user_b),
+    )
+    # Agent B under its own key: a body naming A's backup storage, then one naming A's op for
+    # B's own backup storage.
+    await stack.send_result(b.uuid, forged, user=user_b)
+    await stack.send_result(b.uuid, forged_result(op_id, b.uuid), user=user_b)
+    # A user that may publish anything anywhere (guest): under A's key, unsigned and signed.
+    await stack.send_result(a.uuid, forged, user=TEST_USER, signed=False)
+    await stack.send_result(a.uuid, forged, user=TEST_USER)
+    # The rightful agent itself, replaying the op with another path (a compromised host).
+    await stack.send_result(a.uuid, forged, user=user_a)
 
     await log.wait(
         [
-            f"agent result {unsigned} dropped: it has no user_id",
-            f"result for op {op_id} dropped: sent by broker user {stack.mallory!r},"
-            f" backup storage {a.uuid} belongs to {stack.agent_user(a)!r}",
-            f"result for op {op_id} dropped: sent by broker user {stack.agent_user(b)!r},"
-            f" backup storage {a.uuid} belongs to {stack.agent_user(a)!r}",
+            stack.dropped_route(what, "", results, key_a),
+            stack.dropped_route(what, "", results, key_a),
+            stack.dropped_route(what, "amq.direct", f"forged-{routed}", key_a),
+            stack.dropped_route(what, agents_exchange, key_b, key_a),
             f"result for op {op_id} from the wrong backup storage dropped",
+            f"{what} dropped: it has no user_id, so its sender is unknown",
+            f"result for op {op_id} dropped: sent by broker user {TEST_USER!r},"
+            f" backup storage {a.uuid} belongs to {user_a!r}",
             f"result for op {op_id} names '/etc/passwd', not the command's installPath",
             f"stale result for op {op_id}",
-            f"agent result {routed} dropped: it came through exchange 'amq.direct'",
         ]
     )
     assert await db_state(stack.db) == db_before
@@ -702,7 +818,9 @@ async def test_a_running_download_survives_forged_results_and_cancels(
     trust: TrustStack,
 ) -> None:
     """While a download runs on A: forged Ready results for its op and forged deletes that
-    cancel it, unsigned, by mallory and by B's user. It must finish as if nothing happened."""
+    cancel it, unsigned and by mallory through the default exchange (dropped), by B's user
+    (refused by the broker, or dropped under B's own key). It must finish as if nothing
+    happened."""
     stack = trust
     a, b = agents_of(stack)
     data = os.urandom(2**20)
@@ -725,7 +843,11 @@ async def test_a_running_download_survives_forged_results_and_cancels(
         op_id, image_uuid = await wait_for(running_op, timeout=15, interval=0.05)
         path = str(install_path(a, image_uuid, "running"))
         service_log, agent_log = Since(stack.service), Since(a.proc)
-        results, commands = stack.names.results, stack.names.agent(a.uuid)
+        names = stack.names
+        results, commands = names.results, names.agent(a.uuid)
+        user_b = stack.agent_user(b)
+        forged = forged_result(op_id, a.uuid)
+        what = f"result of op {op_id}"
         cancel = {
             "command": "delete",
             "imageUuid": image_uuid,
@@ -734,24 +856,33 @@ async def test_a_running_download_survives_forged_results_and_cancels(
             "cancelOpIds": [op_id],
         }
         dropped: list[str] = []
-        for user, signed in (
-            (stack.mallory, False),
-            (stack.mallory, True),
-            (stack.agent_user(b), True),
-        ):
-            await stack.send(results, forged_result(op_id, a.uuid), user=user, signed=signed)
+        for signed in (False, True):
+            await stack.send(results, forged, user=stack.mallory, signed=signed)
             message = await stack.send(
-                commands, {**cancel, "opId": str(uuid.uuid4())}, user=user, signed=signed
+                commands, {**cancel, "opId": str(uuid.uuid4())}, user=stack.mallory, signed=signed
             )
             dropped.append(
                 f"command dropped (message {message}): sent by broker user"
-                f" {user if signed else None!r} through exchange ''"
+                f" {stack.mallory if signed else None!r} through exchange ''"
             )
+        # Agent B: the default exchange (results, A's commands) is closed to it, and A's key
+        # on NS.agents too; under its own key the body does not match.
+        for queue_name, body in ((results, forged), (commands, {**cancel, "opId": op_id})):
+            await assert_refused(
+                stack.exchange_refused("", user_b),
+                stack.send(queue_name, body, user=user_b),
+            )
+        await assert_refused(
+            stack.topic_refused(names.agent_messages, names.result_key(a.uuid), user_b),
+            stack.send_result(a.uuid, forged, user=user_b),
+        )
+        await stack.send_result(b.uuid, forged, user=user_b)
+        key_a = names.result_key(a.uuid)
         await service_log.wait(
             [
-                "dropped: it has no user_id, so its sender is unknown",
-                f"result for op {op_id} dropped: sent by broker user {stack.mallory!r}",
-                f"result for op {op_id} dropped: sent by broker user {stack.agent_user(b)!r}",
+                stack.dropped_route(what, "", results, key_a),
+                stack.dropped_route(what, "", results, key_a),
+                stack.dropped_route(what, names.agent_messages, names.result_key(b.uuid), key_a),
             ]
         )
         await agent_log.wait(dropped)
@@ -813,7 +944,7 @@ async def test_a_result_from_the_rightful_agent_naming_another_file_fails_its_op
         return (row["op"], row["image_uuid"]) if row is not None else None
 
     op_id, image_uuid = await wait_for(pending_op, timeout=15, interval=0.05)
-    await stack.send(stack.names.results, forged_result(op_id, a.uuid), user=stack.agent_user(a))
+    await stack.send_result(a.uuid, forged_result(op_id, a.uuid), user=stack.agent_user(a))
     reply = await asyncio.wait_for(task, 30)
     error = error_of(reply)
     assert error["code"] == "OPERATION_ERROR", reply
@@ -839,8 +970,9 @@ async def test_a_result_from_the_rightful_agent_naming_another_file_fails_its_op
 
 
 async def test_forged_commands_are_dropped_by_the_agents(trust: TrustStack) -> None:
-    """Delete a Ready image's file, download over it, download in an unknown or wrong format:
-    unsigned, by mallory, and by the other agent's user, on both agents' queues."""
+    """Delete a Ready image's file, download over it, download in an unknown or wrong format,
+    on both agents' queues: unsigned and by mallory, which the agent drops, and by the other
+    agent's user, which the broker refuses (no write on the default exchange)."""
     stack = trust
     a, b = agents_of(stack)
     inventory = await add_ready(stack, [a, b], name="target")
@@ -859,23 +991,30 @@ async def test_forged_commands_are_dropped_by_the_agents(trust: TrustStack) -> N
             {**base, "command": "download", "url": evil_url, "format": "vmdk"},
             {**base, "command": "download", "url": evil_url, "format": "qcow2"},
         ]
-        for user, signed in (
-            (stack.mallory, False),
-            (stack.mallory, True),
-            (stack.agent_user(other), True),
-        ):
+        for signed in (False, True):
             for command in commands:
                 message = await stack.send(
                     stack.names.agent(target.uuid),
                     {**command, "opId": str(uuid.uuid4())},
-                    user=user,
+                    user=stack.mallory,
                     signed=signed,
                 )
                 expected[target.name].append(
                     f"command dropped (message {message}): sent by broker user"
-                    f" {user if signed else None!r} through exchange ''; commands count only"
-                    f" from {stack.service_user!r}"
+                    f" {stack.mallory if signed else None!r} through exchange ''; commands count"
+                    f" only from {stack.service_user!r}"
                 )
+        # The other agent's user may not publish to the default exchange at all.
+        other_user = stack.agent_user(other)
+        for command in commands:
+            await assert_refused(
+                stack.exchange_refused("", other_user),
+                stack.send(
+                    stack.names.agent(target.uuid),
+                    {**command, "opId": str(uuid.uuid4())},
+                    user=other_user,
+                ),
+            )
     for agent in (a, b):
         await logs[agent.name].wait(expected[agent.name])
 
@@ -968,11 +1107,16 @@ async def test_even_the_service_user_cannot_escape_the_image_directory(
 
 
 async def test_forged_heartbeats_change_no_backup_storage(trust: TrustStack) -> None:
+    """Heartbeats for A (a backup storage bound to its user) and for an unknown uuid (a
+    registration), by every path: the broker refuses what it can, the service drops the rest."""
     stack = trust
     a, b = agents_of(stack)
+    names = stack.names
+    agents_exchange = names.agent_messages
     db_before = await settled_state(stack)
     log = Since(stack.service)
     fake = uuid.uuid4().hex
+    user_a, user_b = stack.agent_user(a), stack.agent_user(b)
 
     def beat(bs_uuid: str) -> dict[str, Any]:
         return {
@@ -985,30 +1129,60 @@ async def test_forged_heartbeats_change_no_backup_storage(trust: TrustStack) -> 
             "heartbeatInterval": 3600,
         }
 
-    heartbeats = stack.names.heartbeats
+    def what(bs_uuid: str) -> str:
+        return f"heartbeat of backup storage {bs_uuid}"
+
+    heartbeats = names.heartbeats
+    expected: list[str] = []
     for bs_uuid in (a.uuid, fake):
-        await stack.send(heartbeats, beat(bs_uuid), user=stack.mallory, signed=False)
-        await stack.send(heartbeats, beat(bs_uuid), user=stack.mallory)
-    await stack.send(heartbeats, beat(a.uuid), user=stack.agent_user(b))
-    await stack.send(heartbeats, beat(b.uuid), user=stack.agent_user(a))
-
-    await stack.send_through_exchange(heartbeats, beat(fake))
-
-    await log.wait(
-        [
-            "heartbeat dropped: it has no user_id, so its sender is unknown",
-            "heartbeat dropped: it has no user_id, so its sender is unknown",
-            f"heartbeat of backup storage {a.uuid} from broker user {stack.mallory!r} dropped:"
-            f" it belongs to {stack.agent_user(a)!r}",
-            f"heartbeat of backup storage {a.uuid} from broker user {stack.agent_user(b)!r}"
-            f" dropped: it belongs to {stack.agent_user(a)!r}",
-            f"heartbeat of backup storage {b.uuid} from broker user {stack.agent_user(a)!r}"
-            f" dropped: it belongs to {stack.agent_user(b)!r}",
-            f"heartbeat of backup storage {fake} dropped: broker user {stack.mallory!r} may not"
-            " register backup storages (--agent-user-pattern)",
-            "heartbeat dropped: it came through exchange 'amq.direct'",
-        ]
+        # Straight to NS.heartbeats through the default exchange.
+        for signed in (False, True):
+            await stack.send(heartbeats, beat(bs_uuid), user=stack.mallory, signed=signed)
+            expected.append(
+                stack.dropped_route(what(bs_uuid), "", heartbeats, names.heartbeat_key(bs_uuid))
+            )
+        # Mallory may not publish on NS.agents at all.
+        await assert_refused(
+            stack.exchange_refused(agents_exchange, stack.mallory),
+            stack.send_heartbeat(bs_uuid, beat(bs_uuid), user=stack.mallory),
+        )
+        # Agent B, under its own key, for another backup storage.
+        await stack.send_heartbeat(b.uuid, beat(bs_uuid), user=user_b)
+        expected.append(
+            stack.dropped_route(
+                what(bs_uuid),
+                agents_exchange,
+                names.heartbeat_key(b.uuid),
+                names.heartbeat_key(bs_uuid),
+            )
+        )
+    # An agent under another's key, or through the default exchange: refused by the broker.
+    for user, bs_uuid in ((user_b, a.uuid), (user_a, b.uuid), (user_b, fake)):
+        await assert_refused(
+            stack.topic_refused(agents_exchange, names.heartbeat_key(bs_uuid), user),
+            stack.send_heartbeat(bs_uuid, beat(bs_uuid), user=user),
+        )
+    await assert_refused(
+        stack.exchange_refused("", user_b),
+        stack.send(heartbeats, beat(a.uuid), user=user_b),
     )
+    # Through an exchange bound to the heartbeats queue for the moment.
+    routed = await stack.send_through_exchange(heartbeats, beat(fake))
+    expected.append(
+        stack.dropped_route(what(fake), "amq.direct", f"forged-{routed}", names.heartbeat_key(fake))
+    )
+    # A user that may publish anything anywhere (guest), under the right keys.
+    await stack.send_heartbeat(a.uuid, beat(a.uuid), user=TEST_USER, signed=False)
+    await stack.send_heartbeat(a.uuid, beat(a.uuid), user=TEST_USER)
+    await stack.send_heartbeat(fake, beat(fake), user=TEST_USER)
+    expected += [
+        f"{what(a.uuid)} dropped: it has no user_id, so its sender is unknown",
+        f"{what(a.uuid)} from broker user {TEST_USER!r} dropped: it belongs to {user_a!r}",
+        f"{what(fake)} dropped: broker user {TEST_USER!r} may not register backup storages"
+        " (--agent-user-pattern)",
+    ]
+
+    await log.wait(expected)
     # The real heartbeats go on being applied after the forged ones.
     await heartbeats_applied(stack)
     assert await db_state(stack.db) == db_before
@@ -1030,7 +1204,9 @@ async def test_forged_heartbeats_change_no_backup_storage(trust: TrustStack) -> 
 
 async def test_the_broker_refuses_other_users_queues_and_signatures(trust: TrustStack) -> None:
     """Reading a queue that is not one's own, reconfiguring the service's queues, publishing
-    events, or signing as someone else: the broker refuses (ACCESS_REFUSED / PRECONDITION_FAILED)."""
+    events, publishing on NS.agents under another's key (or at all, for mallory), publishing
+    to the default exchange as an agent, listening to or deleting NS.agents, or signing as
+    someone else: the broker refuses (ACCESS_REFUSED / PRECONDITION_FAILED)."""
     stack = trust
     a, b = agents_of(stack)
     names = stack.names
@@ -1122,23 +1298,79 @@ async def test_the_broker_refuses_other_users_queues_and_signatures(trust: Trust
         f" '{stack.vhost}' refused for user '{stack.agent_user(a)}'" in text
     ), text
 
-    # Signing as another user: the broker holds user_id to the connection's user.
-    async def impersonate(user: str, as_whom: str, routing_key: str) -> None:
+    # Publishing what agents publish: mallory may not write on NS.agents at all, an agent
+    # only under its own keys there, and nowhere through the default exchange (neither to the
+    # service's queues nor to another agent's, nor its own).
+    agents_exchange = names.agent_messages
+    user_a, user_b = stack.agent_user(a), stack.agent_user(b)
+    for key in (names.result_key(a.uuid), names.heartbeat_key(a.uuid), "anything"):
+        await assert_refused(
+            stack.exchange_refused(agents_exchange, stack.mallory),
+            stack.send_on(agents_exchange, key, b"{}", user=stack.mallory),
+        )
+    for key in (
+        names.result_key(b.uuid),
+        names.heartbeat_key(b.uuid),
+        names.result_key(uuid.uuid4().hex),
+        f"{names.result_key(a.uuid)}.more",
+        f"result.{a.uuid[:-1]}",
+        f"command.{a.uuid}",
+    ):
+        await assert_refused(
+            stack.topic_refused(agents_exchange, key, user_a),
+            stack.send_on(agents_exchange, key, b"{}", user=user_a),
+        )
+    for queue_name in (*internal, names.agent(uuid.uuid4().hex)):
+        await assert_refused(
+            stack.exchange_refused("", user_a),
+            stack.send(queue_name, b"{}", user=user_a),
+        )
+
+    # Listening to NS.agents (every agent's results and heartbeats) or removing it.
+    async def bind_agents(user: str, queue_name: str | None) -> None:
         async def attempt(channel: aio_pika.abc.AbstractChannel) -> None:
-            await channel.default_exchange.publish(
-                aio_pika.Message(b"{}", user_id=as_whom), routing_key=routing_key, timeout=10
-            )
+            if queue_name is None:
+                queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+            else:
+                queue = await channel.get_queue(queue_name, ensure=False)
+            await queue.bind(agents_exchange, routing_key="#")
 
         await as_user(user, attempt)
 
-    for user, as_whom, key in (
-        (stack.mallory, stack.service_user, names.agent(a.uuid)),
-        (stack.mallory, stack.agent_user(a), names.results),
-        (stack.agent_user(b), stack.agent_user(a), names.heartbeats),
-        (stack.agent_user(a), stack.service_user, names.agent(b.uuid)),
+    async def delete_agents(user: str) -> None:
+        async def attempt(channel: aio_pika.abc.AbstractChannel) -> None:
+            await channel.exchange_delete(agents_exchange)
+
+        await as_user(user, attempt)
+
+    await assert_refused(
+        stack.exchange_refused(agents_exchange, stack.mallory),
+        bind_agents(stack.mallory, None),
+    )
+    await assert_refused(
+        f"ACCESS_REFUSED - access to queue '{names.agent(a.uuid)}' in vhost '{stack.vhost}'"
+        f" refused for user '{user_a}'",
+        bind_agents(user_a, names.agent(a.uuid)),
+    )
+    for user in (stack.mallory, user_a):
+        await assert_refused(
+            stack.exchange_refused(agents_exchange, user),
+            delete_agents(user),
+        )
+
+    # Signing as another user: the broker holds user_id to the connection's user, also where
+    # the user may publish.
+    for user, as_whom, exchange, key in (
+        (stack.mallory, stack.service_user, "", names.agent(a.uuid)),
+        (stack.mallory, user_a, "", names.results),
+        (user_b, user_a, agents_exchange, names.heartbeat_key(b.uuid)),
+        (user_b, user_a, agents_exchange, names.result_key(b.uuid)),
+        (user_a, stack.service_user, names.events, f"image.progress.{uuid.uuid4().hex}"),
     ):
         text = await raises_refused(
-            lambda u=user, w=as_whom, k=key: impersonate(u, w, k),  # type: ignore[misc]
+            lambda u=user, w=as_whom, e=exchange, k=key: stack.send_on(  # type: ignore[misc]
+                e, k, b"{}", user=u, user_id=w
+            ),
             aiormq.exceptions.ChannelPreconditionFailed,
         )
         assert "PRECONDITION_FAILED" in text and f"user_id property set to '{as_whom}'" in text, (
@@ -1152,6 +1384,72 @@ async def test_the_broker_refuses_other_users_queues_and_signatures(trust: Trust
     assert await db_state(stack.db) == db_before
     assert files_state(a, b) == files_before
     await assert_serving(stack, a, b)
+
+
+# --- the API is not an agent's to call ------------------------------------------------------------
+
+
+async def test_an_agent_user_cannot_call_the_api(trust: TrustStack) -> None:
+    """An agent's user (a compromised host) sending API requests to NS.api: DeleteImage of a
+    Ready image (Enforcing too), ChangeImageState, DeleteBackupStorage of its neighbour, signed
+    or not, replies to its own queue. The broker refuses it the default exchange (and NS.api as
+    a key on NS.agents); the service never sees the requests and nothing changes."""
+    stack = trust
+    a, b = agents_of(stack)
+    names = stack.names
+    inventory = await add_ready(stack, [a, b], name="api-target")
+    image_uuid = inventory["uuid"]
+    db_before, files_before = await settled_state(stack), files_state(a, b)
+    log = Since(stack.service)
+    requests = [
+        ("DeleteImage", {"uuid": image_uuid}),
+        ("DeleteImage", {"uuid": image_uuid, "deleteMode": "Enforcing"}),
+        ("ChangeImageState", {"uuid": image_uuid, "stateEvent": "disable"}),
+    ]
+    message_ids: list[str] = []
+    for agent, other in ((a, b), (b, a)):
+        user = stack.agent_user(agent)
+        for api, params in [*requests, ("DeleteBackupStorage", {"uuid": other.uuid})]:
+            body = {"api": api, "params": params}
+            for signed in (True, False):
+                message_id = uuid.uuid4().hex
+                message_ids.append(message_id)
+                await assert_refused(
+                    stack.exchange_refused("", user),
+                    stack.send(
+                        names.api,
+                        body,
+                        user=user,
+                        signed=signed,
+                        message_id=message_id,
+                        reply_to=names.agent(agent.uuid),
+                    ),
+                )
+            await assert_refused(
+                stack.topic_refused(names.agent_messages, names.api, user),
+                stack.send_on(names.agent_messages, names.api, body, user=user),
+            )
+
+    # The service has moved on (it answers, and the agents' heartbeats were applied since).
+    reply = await stack.call("QueryImage", {"conditions": []}, timeout=15)
+    assert reply["success"], reply
+    await heartbeats_applied(stack)
+    text = log.text()
+    for message_id in message_ids:
+        assert message_id not in text, (message_id, text[-4000:])
+    assert await db_state(stack.db) == db_before
+    assert files_state(a, b) == files_before
+    found = await query_image(stack, image_uuid)
+    assert found is not None
+    assert found["status"] == "Ready" and found["state"] == "Enabled", found
+    assert sorted(r["backupStorageUuid"] for r in found["backupStorageRefs"]) == sorted(
+        [a.uuid, b.uuid]
+    )
+    for agent in (a, b):
+        assert await stack.bs_status(agent.uuid, "Connected") is not None
+        assert md5_of(install_path(agent, image_uuid, "api-target")) == inventory["md5Sum"]
+    reply = await stack.call("DeleteImage", {"uuid": image_uuid})
+    assert reply["success"], reply
 
 
 # --- replies to internal queues -----------------------------------------------------------------
@@ -1213,10 +1511,10 @@ async def test_replies_are_never_sent_to_internal_queues(trust: TrustStack) -> N
     for telltale in (
         "malformed agent result",
         "malformed heartbeat",
-        "heartbeat dropped",
-        "agent result",
+        "heartbeat of backup storage",
+        "result of op",
+        "result for",
         "event dropped",
-        "result for unknown op",
     ):
         assert telltale not in text, (telltale, text[-4000:])
     for log in agent_logs:
@@ -1242,13 +1540,14 @@ async def test_volume_events_count_only_through_the_events_exchange(trust: Trust
     forged = uuid.uuid4().hex
     event = {"uuid": forged, "name": "evil", "type": "Root", "installPath": "/etc/passwd"}
 
-    # Straight to the service's queue, through the default exchange.
-    for user, signed in (
-        (stack.mallory, False),
-        (stack.mallory, True),
-        (stack.agent_user(a), True),
-    ):
-        await stack.send(names.volume_events, event, user=user, signed=signed)
+    # Straight to the service's queue, through the default exchange: mallory may, an agent may
+    # not (it has no write on the default exchange).
+    for signed in (False, True):
+        await stack.send(names.volume_events, event, user=stack.mallory, signed=signed)
+    await assert_refused(
+        stack.exchange_refused("", stack.agent_user(a)),
+        stack.send(names.volume_events, event, user=stack.agent_user(a)),
+    )
     # Through the events exchange, as users that may not publish volume events.
     connection = await aio_pika.connect(stack.url(stack.agent_user(b)))
     async with connection:
@@ -1266,7 +1565,7 @@ async def test_volume_events_count_only_through_the_events_exchange(trust: Trust
         f" in vhost '{stack.vhost}' refused for user '{stack.agent_user(b)}'" in text
     ), text
 
-    await log.wait(["event dropped: published to '', not to the events exchange"] * 3)
+    await log.wait(["event dropped: published to '', not to the events exchange"] * 2)
     # The volume service's own event, through NS.events, is applied: the forged ones were not.
     genuine = uuid.uuid4().hex
     await stack.publish_event(f"volume.created.{genuine}", {"uuid": genuine, "name": "real"})
@@ -1342,24 +1641,23 @@ async def test_remove_agent_cuts_the_agent_off(trust: TrustStack) -> None:
     assert reply["success"], reply
 
 
-# --- known gaps (see the report of issue 8) ---------------------------------------------------
+# --- squatting a newly enrolled neighbour's uuid --------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="design gap: --agent-user-pattern admits every enrolled agent user for every uuid, so"
-    " the first heartbeat for an enrolled-but-not-yet-started uuid may come from another agent,"
-    " which then owns that backup storage for good (contract section 8: bound on first heartbeat)",
-)
 async def test_an_agent_cannot_squat_the_uuid_of_a_newly_enrolled_neighbour(
     trust: TrustStack,
 ) -> None:
+    """C is enrolled (its broker user exists) but not started yet: agent B (a compromised host)
+    tries to register C's backup storage first. The broker refuses B C's heartbeat key, the
+    service drops C's heartbeat under B's key, no row for C appears, and once C starts its own
+    heartbeat registers it, bound to C's user."""
     stack = trust
     _, b = agents_of(stack)
+    names = stack.names
+    user_b = stack.agent_user(b)
     c_uuid = uuid.uuid4().hex
     c_user = await stack.enrol_agent(c_uuid)
     log = Since(stack.service)
-    # Agent B (a compromised host) heartbeats for C before C first starts.
     squat = {
         "uuid": c_uuid,
         "name": "squatted",
@@ -1369,30 +1667,53 @@ async def test_an_agent_cannot_squat_the_uuid_of_a_newly_enrolled_neighbour(
         "availableCapacity": 2**50,
         "heartbeatInterval": 3600,
     }
-    await stack.send(stack.names.heartbeats, squat, user=stack.agent_user(b))
-    c = await stack.start_agent(
-        "bs-squatted",
-        "--amqp-url",
-        stack.url(c_user),
-        "--backup-storage-uuid",
-        c_uuid,
-        "--service-user",
-        stack.service_user,
-        wait=False,
-    )
-    try:
-        # Until the service has handled one of C's own heartbeats, one way or the other.
-        async def handled() -> bool:
-            text = log.text()
-            return f"registered by broker user {c_user!r}" in text or (
-                f"from broker user {c_user!r} dropped" in text
-            )
-
-        await wait_for(handled, timeout=15)
-        owner = await stack.db.fetchval(
-            "SELECT agent_user FROM backup_storage WHERE uuid = $1", c_uuid
+    for signed in (True, False):
+        await assert_refused(
+            stack.topic_refused(names.agent_messages, names.heartbeat_key(c_uuid), user_b),
+            stack.send_heartbeat(c_uuid, squat, user=user_b, signed=signed),
         )
-        assert owner == c_user, f"backup storage {c_uuid} belongs to {owner!r}, not {c_user!r}"
+    await assert_refused(
+        stack.exchange_refused("", user_b),
+        stack.send(names.heartbeats, squat, user=user_b),
+    )
+    await stack.send_heartbeat(b.uuid, squat, user=user_b)
+    await log.wait(
+        [
+            stack.dropped_route(
+                f"heartbeat of backup storage {c_uuid}",
+                names.agent_messages,
+                names.heartbeat_key(b.uuid),
+                names.heartbeat_key(c_uuid),
+            )
+        ]
+    )
+    await heartbeats_applied(stack)
+    assert (
+        await stack.db.fetchval("SELECT count(*) FROM backup_storage WHERE uuid = $1", c_uuid) == 0
+    )
+    assert await stack.queue_state(names.agent(c_uuid)) is None
+
+    c = await stack.start_trusted_agent("bs-squatted", c_uuid)
+    try:
+        await log.wait([f"backup storage {c_uuid} registered by broker user {c_user!r}"])
+        row = await stack.db.fetchrow(
+            "SELECT agent_user, hostname, total_capacity FROM backup_storage WHERE uuid = $1",
+            c_uuid,
+        )
+        assert row is not None
+        assert dict(row) == {
+            "agent_user": c_user,
+            "hostname": "bs-squatted.trust.test",
+            "total_capacity": CAPACITY,
+        }, dict(row)
+        inventory = await stack.bs_status(c_uuid, "Connected")
+        assert inventory is not None and inventory["hostname"] == "bs-squatted.trust.test"
+        text = log.text()
+        assert f"from broker user {c_user!r} dropped" not in text, text[-4000:]
+        assert "squatter.example" not in text
+        await assert_no_trace_of(stack.db, "squatter.example", "/squatted")
+        # C serves: an image stored on it, then deleted.
+        await assert_serving(stack, c)
     finally:
         c.proc.kill()
         reply = await stack.call("DeleteBackupStorage", {"uuid": c_uuid})
