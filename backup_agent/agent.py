@@ -79,7 +79,14 @@ class Agent:
             self._resume(entry)
         self._heartbeat = asyncio.create_task(self._heartbeat_loop())
         await self.bus.consume(self.names.agent(self.uuid), self.on_command, prefetch=32)
-        log.info("backup agent %s (%s) serving %s", self.settings.name, self.uuid, self.layout.root)
+        log.info(
+            "backup agent %s (%s) serving %s as broker user %r; commands count only from %r",
+            self.settings.name,
+            self.uuid,
+            self.layout.root,
+            self.bus.broker.user,
+            self.service_user,
+        )
 
     async def stop(self) -> None:
         """Graceful stop: unfinished ops stay in the journal and resume at the next start."""
@@ -99,7 +106,7 @@ class Agent:
     async def on_command(self, msg: Incoming) -> None:
         if msg.exchange != "" or msg.user_id != self.service_user:
             log.warning(
-                "command dropped (message %s): sent by broker user %r through exchange %r;"
+                "command dropped (message %r): sent by broker user %r through exchange %r;"
                 " commands count only from %r through the default exchange",
                 msg.message_id,
                 msg.user_id,

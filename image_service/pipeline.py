@@ -16,7 +16,12 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
+from contextlib import (
+    AbstractAsyncContextManager,
+    AsyncExitStack,
+    asynccontextmanager,
+    nullcontext,
+)
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +32,7 @@ from image_service.outbox import Outbox, encode
 from image_service.params import Envelope
 from image_service.protocol.errors import validation_details
 from image_service.protocol.names import Names
-from image_service.protocol.transport import Bus, Incoming, PublishRejected, RetryLater
+from image_service.protocol.transport import Bus, Incoming, PublishRejected, Refused, RetryLater
 from image_service.replies import error_reply, finish_message, success_reply
 from image_service.store import CONNECTION_ERRORS, Store, Tx
 
@@ -68,7 +73,9 @@ class Api:
     # A read-only request waits here for its turn before it takes a database connection (the
     # costly queries take turns, api/queries.py): waiting with a connection in hand would
     # starve the pool that every other request needs.
-    admit: Callable[[Any], AbstractAsyncContextManager[None]] | None = None
+    # It is given the validated params and the most it may wait, and raises ApiError when the
+    # request gets no turn (answered like the handler's own errors).
+    admit: Callable[[Any, float], AbstractAsyncContextManager[None]] | None = None
 
 
 class Transactions:
@@ -132,7 +139,7 @@ class Pipeline:
         message_id = msg.message_id or f"generated-{uuid.uuid4().hex}"
         if msg.reply_to and self.transactions.names.is_internal(msg.reply_to):
             log.warning(
-                "message %s names the internal queue %s as reply_to: it gets no reply",
+                "message %r names the internal queue %r as reply_to: it gets no reply",
                 message_id,
                 msg.reply_to[:300],
             )
@@ -184,9 +191,14 @@ class Pipeline:
         checked = self._validate(envelope)
         admission: AbstractAsyncContextManager[None] = nullcontext()
         if not isinstance(checked, dict) and checked[0].admit is not None:
-            admission = checked[0].admit(checked[1])
+            admission = checked[0].admit(checked[1], transactions.query_timeout)
         try:
-            async with admission, transactions.store.autocommit() as tx:
+            async with AsyncExitStack() as stack:
+                try:
+                    await stack.enter_async_context(admission)
+                except ApiError as exc:
+                    checked = error_reply(envelope.api, exc)
+                tx = await stack.enter_async_context(transactions.store.autocommit())
                 ctx = Ctx(
                     tx, Outbox(tx, transactions.names), message_id, transactions.query_timeout
                 )
@@ -210,14 +222,20 @@ class Pipeline:
                 await self._duplicate(ctx, msg, correlation_id)
             return
         if not msg.reply_to:
-            log.info("message %s (%s) had no reply_to", message_id, envelope.api)
+            log.info("message %r (%s) had no reply_to", message_id, envelope.api)
             return
         try:
             await self.bus.publish_reply(msg.reply_to, payload, correlation_id=correlation_id)
+        except Refused as exc:
+            # No queue by that name (the caller went away, or never was), or a direct reply-to
+            # name the broker refused on its own: only this reply is lost.
+            log.warning("reply to %r dropped: %s", message_id, exc)
         except PublishRejected as exc:
-            # No queue by that name (the caller went away, or never was), or a forged direct
-            # reply-to name that the broker refused on its own: only this reply is lost.
-            log.warning("reply to %s dropped: %s", message_id, exc)
+            # The channel closed under it, maybe for another message: the outbox relay tries
+            # again, and drops what is refused twice.
+            log.warning("reply to %r not published (%s); handed to the outbox", message_id, exc)
+            async with transactions.open(message_id) as ctx:
+                await ctx.outbox.reply(msg.reply_to, correlation_id, body)
 
     async def _run(self, ctx: Ctx, envelope: Envelope, *, isolated: bool = True) -> Outcome:
         """Run one API. `isolated`: inside a savepoint, so that a handler that fails leaves
@@ -274,7 +292,7 @@ class Pipeline:
         """A message id seen before: the same reply again, never a second execution."""
         row = await ctx.tx.inbox.get(ctx.message_id)
         assert row is not None
-        log.info("duplicate message %s (redelivered=%s)", ctx.message_id, msg.redelivered)
+        log.info("duplicate message %r (redelivered=%s)", ctx.message_id, msg.redelivered)
         if not msg.reply_to:
             return
         if row.reply is not None:

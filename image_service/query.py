@@ -189,10 +189,12 @@ IMAGE = Entity(
 # The inventory field names a `fields` list may name, beyond the columns.
 EXTRA_FIELDS = {"image": ("backupStorageRefs",)}
 
-# Nested conditions beyond this many become hashed subplans instead of semi-joins: PostgreSQL
-# plans joins in time that grows steeply with their number (64 semi-joins: over a second of
-# planning), subplans in linear time. The first few stay joins, so that a selective nested
-# condition (volume.vmInstanceUuid=X) still starts from its index.
+# Nested conditions beyond this many become subplans instead of semi-joins: PostgreSQL plans
+# joins in time that grows steeply with their number (64 semi-joins: 2.5 s of planning,
+# tests/benchmarks/bench_query_planning.py), subplans in linear time. A subplan is hashed when
+# its rows fit work_mem, else scanned per outer row; the query timeout bounds that. The first
+# few stay joins, so that a selective nested condition (volume.vmInstanceUuid=X) still starts
+# from its index.
 MAX_JOINED = 4
 
 COMPARISONS = {"=": "=", "!=": "<>", ">": ">", ">=": ">=", "<": "<", "<=": "<="}
@@ -323,8 +325,6 @@ class CompiledQuery:
     args: list[Any]
     count_args: list[Any]
     fields: tuple[str, ...] | None
-    # Conditions on related inventories and tags (each a subquery).
-    related: int = 0
 
 
 def compile_query(entity: Entity, query: Query, key: str = "uuid") -> CompiledQuery:
@@ -356,6 +356,4 @@ def compile_query(entity: Entity, query: Query, key: str = "uuid") -> CompiledQu
             if name not in allowed:
                 raise _bad(f"fields: unknown field {name!r}")
         fields = tuple(query.fields)
-    return CompiledQuery(
-        select_sql, count_sql, compiler.args, count_args, fields, related=compiler.joined
-    )
+    return CompiledQuery(select_sql, count_sql, compiler.args, count_args, fields)

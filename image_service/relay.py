@@ -14,8 +14,8 @@ import logging
 
 from image_service.outbox import encode
 from image_service.pipeline import Transactions
-from image_service.protocol.transport import Bus, PublishRejected
-from image_service.store import CONNECTION_ERRORS
+from image_service.protocol.transport import Bus, PublishRejected, Refused
+from image_service.store import CONNECTION_ERRORS, Tx
 from image_service.store.rows import OutboxRow
 
 log = logging.getLogger(__name__)
@@ -54,31 +54,19 @@ class Relay:
     async def _publish_batch(self) -> int:
         async with self.transactions.store.transaction() as tx:
             rows = await tx.outbox.take(limit=BATCH)
-            # Replies are independent of each other and of everything else: published all at
-            # once, so that one whose target the broker refuses (a forged reply-to costs a
-            # reconnection) does not hold up the others. Commands and events keep their order.
             replies = [row for row in rows if _is_reply(row)]
             others = [row for row in rows if not _is_reply(row)]
-            outcomes = await asyncio.gather(
-                *(self._publish_reply(row) for row in replies), return_exceptions=True
-            )
-            done = [row.id for row, ok in zip(replies, outcomes, strict=True) if ok is True]
-            if len(done) < len(replies):
-                failed = next(e for e in outcomes if e is not True)
-                log.warning("relay: publishing replies failed, will retry: %r", failed)
-            published = 0
+            done: list[int] = []
+            # Commands and events first, in their order (a reply never overtakes the events
+            # of its message).
             try:
                 for row in others:
                     await self._publish(row)
                     done.append(row.id)
-                    published += 1
             except PublishRejected as exc:
                 log.warning("relay: the broker refused a message: %s", exc)
                 await tx.outbox.delete(done)
-                refused = others[published]
-                if await tx.outbox.rejected(refused.id) >= MAX_REJECTIONS:
-                    log.error("relay: dropping undeliverable message to %s", refused.routing_key)
-                    await tx.outbox.delete([refused.id])
+                await self._count_refusal(tx, others[len(done)])
                 await asyncio.sleep(0.5)
                 return 0
             except Exception as exc:  # broker trouble: keep the rest for the next round
@@ -86,11 +74,36 @@ class Relay:
                 await tx.outbox.delete(done)
                 await asyncio.sleep(0.5)
                 return 0
+            # Replies are independent of each other: published all at once, so that one whose
+            # target the broker refuses (a forged reply-to costs a reconnection) does not hold
+            # up the others.
+            outcomes = await asyncio.gather(
+                *(self._publish_reply(row) for row in replies), return_exceptions=True
+            )
+            kept = 0
+            for row, outcome in zip(replies, outcomes, strict=True):
+                if outcome is True:
+                    done.append(row.id)
+                elif isinstance(outcome, PublishRejected):
+                    # Its channel closed under it, maybe for another reply: counted; the one
+                    # that is refused again is dropped.
+                    kept += not await self._count_refusal(tx, row)
+                else:
+                    log.warning("relay: publishing a reply failed, will retry: %r", outcome)
+                    kept += 1
             await tx.outbox.delete(done)
-            if len(done) < len(rows):
+            if kept:
                 await asyncio.sleep(0.5)
                 return 0
             return len(rows)
+
+    async def _count_refusal(self, tx: Tx, row: OutboxRow) -> bool:
+        """Count one refusal of `row`; True when it was dropped for good."""
+        if await tx.outbox.rejected(row.id) >= MAX_REJECTIONS:
+            log.error("relay: dropping undeliverable message to %r", row.routing_key[:300])
+            await tx.outbox.delete([row.id])
+            return True
+        return False
 
     async def _publish(self, row: OutboxRow) -> None:
         await self.bus.publish(
@@ -103,10 +116,10 @@ class Relay:
         )
 
     async def _publish_reply(self, row: OutboxRow) -> bool:
-        """True once the reply is published, or dropped because the broker refused it by
-        itself (its caller is gone, or never was): only that reply is lost."""
+        """True once the reply is published, or dropped because the broker refused this very
+        reply (its caller is gone, or never was): only that reply is lost."""
         try:
             await self._publish(row)
-        except PublishRejected as exc:
+        except Refused as exc:
             log.warning("relay: reply to %s dropped: %s", row.routing_key[:300], exc)
         return True

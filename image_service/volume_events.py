@@ -42,7 +42,7 @@ class VolumeEvents:
         try:
             event: VolumeEvent | SnapshotEvent = model.model_validate_json(msg.body)
         except ValidationError as exc:
-            log.warning("malformed %s event dropped: %s", msg.routing_key, validation_details(exc))
+            log.warning("malformed %r event dropped: %s", msg.routing_key, validation_details(exc))
             return
         if key_uuid and key_uuid != event.uuid:
             log.warning("event %r dropped: body uuid %s differs", msg.routing_key, event.uuid)

@@ -143,6 +143,11 @@ init)
         "^(amq\\.default|amq\\.gen-.*)\$" \
         "^(amq\\.gen-.*|$N\\.events)\$"
     topic "$CLI_USER" '^$' '.*'
+    # Agents may publish to NS.dead (declaring a queue with a dead-letter exchange needs it)
+    # and nothing consumes it: a length cap keeps it from filling the disk.
+    ctl set_policy -p "$VHOST" --apply-to queues "$NS-dead-cap" "^$N\\.dead\$" \
+        '{"max-length": 100000, "overflow": "drop-head"}' >/dev/null
+    echo "policy $NS-dead-cap: at most 100000 messages in $NS.dead"
     echo "done. Start image-service with"
     echo "  --agent-user-pattern '^$(quote "$PREFIX")backup-agent-[0-9a-f]{32}\$'"
     echo "so that only enrolled agents register backup storages; enrol each with add-agent UUID."

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, nullcontext
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from typing import Any
 
 from image_service import params
@@ -33,47 +33,99 @@ def _project(inventories: list[dict[str, Any]], fields: tuple[str, ...] | None) 
     return [{k: inv[k] for k in fields if k in inv} for inv in inventories]
 
 
-# Queries with many conditions, or several on related inventories, cost the database far more
-# than the ordinary ones (a uuid, a name): they take turns, at most HEAVY_AT_ONCE per replica,
-# so that a flood of them leaves connections and CPU to everything else (contract section 8).
-# The pipeline waits for the turn before it takes a connection (Api.admit).
+# Queries with many conditions, several on related inventories or several LIKE patterns cost the
+# database far more than the ordinary ones (a uuid, a name): they take turns, at most
+# HEAVY_AT_ONCE per replica, so that a flood of them leaves connections and CPU to everything
+# else (contract section 8). The pipeline waits for the turn before it takes a connection
+# (Api.admit); a query waits at most its timeout for it, and past HEAVY_WAITING waiting ones the
+# next is answered at once: waiting ones hold deliveries of the API queue, which other
+# requests need too.
 HEAVY_CONDITIONS = 8
 HEAVY_RELATED = 2
+HEAVY_PATTERNS = 2
 HEAVY_AT_ONCE = 2
-_heavy_turns = asyncio.Semaphore(HEAVY_AT_ONCE)
+HEAVY_WAITING = 16
+# More inventories than this in one reply would not fit a broker message: page with start.
+MAX_PAGE = 100_000
 
 
 def is_heavy(p: params.Query) -> bool:
+    """Whether a query must take its turn: by its shape, before it runs."""
     related = sum(1 for c in p.conditions if "." in c.name or c.name == "__userTag__")
-    return len(p.conditions) > HEAVY_CONDITIONS or related > HEAVY_RELATED
+    patterns = sum(1 for c in p.conditions if c.op in ("~=", "!~="))
+    return (
+        len(p.conditions) > HEAVY_CONDITIONS or related > HEAVY_RELATED or patterns > HEAVY_PATTERNS
+    )
 
 
-def admit(p: params.Query) -> AbstractAsyncContextManager[None]:
-    """The turn a query waits for before it may use the database."""
-    return _heavy_turns if is_heavy(p) else nullcontext()
+class _Turns:
+    def __init__(self, at_once: int, waiting: int) -> None:
+        self._semaphore = asyncio.Semaphore(at_once)
+        self._waiting = 0
+        self._max_waiting = waiting
+
+    @asynccontextmanager
+    async def turn(self, wait: float) -> AsyncIterator[None]:
+        if self._waiting >= self._max_waiting:
+            raise ApiError(
+                ErrorCode.TIMEOUT,
+                f"{self._waiting} costly queries are waiting already; try again later",
+            )
+        self._waiting += 1
+        try:
+            async with asyncio.timeout(wait):
+                await self._semaphore.acquire()
+        except TimeoutError:
+            raise ApiError(
+                ErrorCode.TIMEOUT, f"no turn for a costly query within {wait:g} s; try again"
+            ) from None
+        finally:
+            self._waiting -= 1
+        try:
+            yield
+        finally:
+            self._semaphore.release()
+
+
+_heavy = _Turns(HEAVY_AT_ONCE, HEAVY_WAITING)
+
+
+def admit(p: params.Query, wait: float) -> AbstractAsyncContextManager[None]:
+    """The turn a query waits for (at most `wait` seconds) before it may use the database;
+    raises ApiError (TIMEOUT) when it gets none."""
+    return _heavy.turn(wait) if is_heavy(p) else nullcontext()
 
 
 async def _query(ctx: Ctx, entity: Entity, p: params.Query, load: Loader) -> Outcome:
-    return await _run(ctx, p, compile_query(entity, p), load)
-
-
-async def _run(ctx: Ctx, p: params.Query, compiled: CompiledQuery, load: Loader) -> Outcome:
+    # Never more rows than a reply can carry, plus one to tell that there were more.
+    compiled = compile_query(entity, p.model_copy(update={"limit": min(p.limit, MAX_PAGE + 1)}))
     timeout = ctx.query_timeout
-    reply: dict[str, Any] = {}
     try:
-        if p.count or p.replyWithCount:
-            reply["total"] = await ctx.tx.fetchval_sql(
-                compiled.count_sql, compiled.count_args, timeout=timeout
-            )
-        if not p.count:
-            rows = await ctx.tx.fetch_sql(compiled.select_sql, compiled.args, timeout=timeout)
-            reply["inventories"] = _project(await load([row[0] for row in rows]), compiled.fields)
-        else:
-            reply["inventories"] = []
+        # One deadline for the whole query: count, page and inventories. Cancelling cancels
+        # the statement on the server too.
+        async with asyncio.timeout(timeout):
+            return await _run(ctx, p, compiled, load)
     except TimeoutError:
         raise ApiError(
             ErrorCode.TIMEOUT, f"the query ran longer than {timeout:g} s and was cancelled"
         ) from None
+
+
+async def _run(ctx: Ctx, p: params.Query, compiled: CompiledQuery, load: Loader) -> Outcome:
+    reply: dict[str, Any] = {}
+    if p.count or p.replyWithCount:
+        reply["total"] = await ctx.tx.fetchval_sql(compiled.count_sql, compiled.count_args)
+    if p.count:
+        reply["inventories"] = []
+        return reply
+    keys = [row[0] for row in await ctx.tx.fetch_sql(compiled.select_sql, compiled.args)]
+    if len(keys) > MAX_PAGE:
+        raise ApiError(
+            ErrorCode.INVALID_ARGUMENT,
+            f"limit: the page holds more than {MAX_PAGE:,} inventories, more than one reply"
+            " can carry; ask for fewer and page with start",
+        )
+    reply["inventories"] = _project(await load(keys), compiled.fields)
     return reply
 
 

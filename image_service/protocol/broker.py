@@ -88,6 +88,8 @@ def certificate_user(cert_file: Path) -> str:
 
 
 def _with_query(url: str, item: str) -> str:
+    """`url` with the query parameter `item` (name=value), replacing one of the same name."""
     parts = urlsplit(url)
-    query = f"{parts.query}&{item}" if parts.query else item
-    return parts._replace(query=query).geturl()
+    name = item.split("=", 1)[0]
+    kept = [p for p in parts.query.split("&") if p and p.split("=", 1)[0] != name]
+    return parts._replace(query="&".join([*kept, item])).geturl()

@@ -54,7 +54,8 @@ class ImageDeleted(_Event):
 
 
 class ImageProgress(_Event):
-    """Published by the agent while it receives an image (not persistent, best effort)."""
+    """Published by the agent while it receives an image (best effort: a failed publish is not
+    retried). Any agent's user may publish `image.progress.*`: it tells, it proves nothing."""
 
     backupStorageUuid: Uuid32
     downloadedBytes: Annotated[int, Field(ge=0)]

@@ -54,19 +54,23 @@ Handler = Callable[[Incoming], Awaitable[None]]
 
 
 class PublishRejected(Exception):
-    """The broker refused this very message (an unknown reply-to, a closed channel in answer
-    to it): retrying it forever would wedge whatever is queued behind it."""
+    """The broker closed the channel or connection the message was published on, in answer to
+    it or to another message in flight there (RabbitMQ fails them all alike): try it again,
+    and give up only after it was refused more than once (the relay counts)."""
 
 
-class Unroutable(PublishRejected):
+class Refused(PublishRejected):
+    """The broker refused this very message, proven: drop it, retrying cannot help."""
+
+
+class Unroutable(Refused):
     """The broker returned the message: no queue by that name (a caller that went away)."""
 
 
-# Broker answers to a publish that blame the message rather than the network.
-_REJECTIONS: tuple[type[BaseException], ...] = (
+# Broker answers to a publish that close its channel or connection.
+_CLOSED_BY_BROKER: tuple[type[BaseException], ...] = (
     aiormq.exceptions.ConnectionInternalError,
     aiormq.exceptions.AMQPChannelError,
-    aiormq.exceptions.DeliveryError,
 )
 
 
@@ -76,9 +80,9 @@ async def _publish_or_reject(
     try:
         await target.publish(message, routing_key=routing_key, timeout=PUBLISH_TIMEOUT)
     except aiormq.exceptions.DeliveryError as exc:
-        raise Unroutable(f"{routing_key}: {exc!r}") from exc
-    except _REJECTIONS as exc:
-        raise PublishRejected(f"{routing_key}: {exc!r}") from exc
+        raise Unroutable(f"{routing_key[:300]}: {exc!r}") from exc
+    except _CLOSED_BY_BROKER as exc:
+        raise PublishRejected(f"{routing_key[:300]}: {exc!r}") from exc
 
 
 class RetryLater(Exception):
@@ -95,6 +99,10 @@ _CONNECTION_LOST: tuple[type[Exception], ...] = (
 # A direct reply that failed on the shared reply connection, for one of these reasons, is
 # tried again alone (Bus._publish_direct_reply).
 _RETRY_ALONE: tuple[type[Exception], ...] = (PublishRejected, *_CONNECTION_LOST)
+# Direct replies tried alone at once, each on a connection of its own: a flood of forged names
+# costs a few connections at a time, not one per name.
+ALONE_AT_ONCE = 4
+CONNECT_TIMEOUT = 10.0
 
 
 class Bus:
@@ -116,6 +124,7 @@ class Bus:
         self._reply_channel: AbstractChannel | None = None
         self._reply_lock = asyncio.Lock()
         self._direct_nodes = DirectReplyNodes()
+        self._alone_turns = asyncio.Semaphore(ALONE_AT_ONCE)
         # The broker is a RabbitMQ 3.x, whose direct reply-to names direct_reply.py can read.
         self._rabbitmq_3 = True
         self._consume_channels: list[AbstractChannel] = []
@@ -295,33 +304,39 @@ class Bus:
         check = self._rabbitmq_3
         route = self._direct_nodes.route(reply_to, check_pid=check)
         if route is Route.REFUSE:
-            raise PublishRejected(f"{reply_to[:300]}: not a deliverable direct reply-to name")
+            raise Refused(f"{reply_to[:300]}: not a deliverable direct reply-to name")
         if route is Route.SHARED:
             channel = await self._reply_channel_now()
             try:
                 await _publish_or_reject(channel.default_exchange, message, reply_to)
                 return
-            except Unroutable:
+            except Refused:
                 raise
             except _RETRY_ALONE as exc:
-                log.info("reply connection lost publishing to %s (%r); retrying it alone",
+                log.info("reply connection lost publishing to %r (%r); retrying it alone",
                          reply_to[:300], exc)  # fmt: skip
                 await self._drop_reply_connection(channel)
-        await self._publish_alone(message, reply_to)
+        async with self._alone_turns:
+            await self._publish_alone(message, reply_to)
         self._direct_nodes.delivered(reply_to, check_pid=check)
 
     async def _publish_alone(self, message: aio_pika.Message, reply_to: str) -> None:
+        """One reply on a connection of its own: a close by the broker blames this reply
+        (Refused); anything else (the broker away, too slow) is left to the caller's retry."""
         connection = await aio_pika.connect(
             self.broker.url,
             ssl_context=self.broker.ssl_context,
+            timeout=CONNECT_TIMEOUT,
             client_properties={"connection_name": f"{self.connection_name} (one reply)"},
         )
         try:
             alone = await connection.channel(publisher_confirms=True)
             try:
                 await _publish_or_reject(alone.default_exchange, message, reply_to)
-            except _CONNECTION_LOST as exc:
-                raise PublishRejected(f"{reply_to[:300]}: {exc!r}") from exc
+            except Refused:
+                raise
+            except PublishRejected as exc:
+                raise Refused(str(exc)) from exc
         finally:
             with contextlib.suppress(*_CONNECTION_LOST):
                 await connection.close()

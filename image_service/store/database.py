@@ -83,17 +83,13 @@ class Tx:
         self.volumes = Volumes(conn)
         self.tags = Tags(conn)
 
-    async def fetch_sql(
-        self, sql: str, args: Sequence[Any], *, timeout: float | None = None
-    ) -> list[Record]:
-        """Run SQL compiled by `image_service.query` (identifiers whitelisted, values bound).
-        Past `timeout` seconds the server cancels it and TimeoutError is raised."""
-        return list(await self.conn.fetch(sql, *args, timeout=timeout))
+    async def fetch_sql(self, sql: str, args: Sequence[Any]) -> list[Record]:
+        """Run SQL compiled by `image_service.query` (identifiers whitelisted, values bound)."""
+        return list(await self.conn.fetch(sql, *args))
 
-    async def fetchval_sql(
-        self, sql: str, args: Sequence[Any], *, timeout: float | None = None
-    ) -> Any:
-        return await self.conn.fetchval(sql, *args, timeout=timeout)
+    async def fetchval_sql(self, sql: str, args: Sequence[Any]) -> Any:
+        """The one value of SQL compiled by `image_service.query` (a count)."""
+        return await self.conn.fetchval(sql, *args)
 
     @asynccontextmanager
     async def savepoint(self) -> AsyncIterator[Tx]:

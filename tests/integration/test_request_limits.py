@@ -121,7 +121,7 @@ async def _true(value: bool) -> bool:
 async def test_a_query_past_the_timeout_is_cancelled_and_answered_timeout(stack: Stack) -> None:
     await fill(stack)
     stack.services[0].terminate()
-    stack.start_service("--query-timeout", "0.001")
+    stack.start_service("--query-timeout", "0.02")
     await wait_for(lambda: _api_consumed(stack.namespace), timeout=30)
     reply = await stack.call(
         "QueryImage", {"conditions": hostile_conditions(), "replyWithCount": True}
@@ -154,3 +154,34 @@ async def test_an_error_reply_repeats_at_most_4_kib_of_the_request(stack: Stack)
         assert size < 4096 + 1024, (len(body), size)
     # The service still answers at once.
     assert (await stack.call("QueryImage", {"limit": 1}))["success"]
+
+
+async def test_a_flood_of_costly_queries_does_not_hold_up_other_apis(stack: Stack) -> None:
+    """More costly queries than the API consumer takes at once (64): those beyond the turns and
+    the waiting room are answered TIMEOUT at once, so their deliveries do not fill the
+    consumer's prefetch, and writes (CreateUserTag) still go through quickly."""
+    image_uuid = await fill(stack)
+    flood = [
+        asyncio.create_task(
+            stack.call("QueryImage", {"conditions": hostile_conditions(), "replyWithCount": True})
+        )
+        for _ in range(150)
+    ]
+    await asyncio.sleep(0.2)
+    latencies = []
+    for i in range(20):
+        start = time.monotonic()
+        reply = await stack.call(
+            "CreateUserTag",
+            {"resourceType": "ImageVO", "resourceUuid": image_uuid, "tag": f"during-{i}"},
+        )
+        latencies.append(time.monotonic() - start)
+        assert reply["success"], reply
+    replies = await asyncio.gather(*flood)
+    codes = [r["error"]["code"] if not r["success"] else "ok" for r in replies]
+    busy = sum("waiting already" in str(r.get("error", {}).get("details")) for r in replies)
+    print(f"CreateUserTag p99 during the flood: {p99(latencies) * 1000:.1f} ms;"
+          f" flood answers: {codes.count('ok')} ok, {codes.count('TIMEOUT')} TIMEOUT ({busy} busy)")  # fmt: skip
+    assert set(codes) <= {"ok", "TIMEOUT"}
+    assert busy > 0, "the waiting room was never full: the test did not flood"
+    assert p99(latencies) < 0.5

@@ -862,7 +862,7 @@ async def test_a_running_download_survives_forged_results_and_cancels(
                 commands, {**cancel, "opId": str(uuid.uuid4())}, user=stack.mallory, signed=signed
             )
             dropped.append(
-                f"command dropped (message {message}): sent by broker user"
+                f"command dropped (message {message!r}): sent by broker user"
                 f" {stack.mallory if signed else None!r} through exchange ''"
             )
         # Agent B: the default exchange (results, A's commands) is closed to it, and A's key
@@ -1000,7 +1000,7 @@ async def test_forged_commands_are_dropped_by_the_agents(trust: TrustStack) -> N
                     signed=signed,
                 )
                 expected[target.name].append(
-                    f"command dropped (message {message}): sent by broker user"
+                    f"command dropped (message {message!r}): sent by broker user"
                     f" {stack.mallory if signed else None!r} through exchange ''; commands count"
                     f" only from {stack.service_user!r}"
                 )
@@ -1494,7 +1494,7 @@ async def test_replies_are_never_sent_to_internal_queues(trust: TrustStack) -> N
                     correlation_id=message_id,
                 )
                 expected.append(
-                    f"message {message_id} names the internal queue {reply_to} as reply_to:"
+                    f"message {message_id!r} names the internal queue {reply_to!r} as reply_to:"
                     " it gets no reply"
                 )
         await service_log.wait(expected)
