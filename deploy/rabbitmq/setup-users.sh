@@ -52,9 +52,14 @@ while [ $# -gt 0 ]; do
         add-agent|remove-agent)
             [ $# -ge 2 ] || { echo "setup-users.sh: $1 needs the backup storage's uuid" >&2; exit 2; }
             ACTION="$1"; AGENT="$2"; shift 2 ;;
-        --vhost) VHOST="$2"; shift 2 ;;
-        --namespace) NS="$2"; shift 2 ;;
-        --user-prefix) PREFIX="$2"; shift 2 ;;
+        --vhost|--namespace|--user-prefix)
+            [ $# -ge 2 ] || { echo "setup-users.sh: $1 needs a value" >&2; exit 2; }
+            case "$1" in
+                --vhost) VHOST="$2" ;;
+                --namespace) NS="$2" ;;
+                --user-prefix) PREFIX="$2" ;;
+            esac
+            shift 2 ;;
         --external) EXTERNAL=1; shift ;;
         -h|--help) usage; exit 0 ;;
         *) echo "setup-users.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
@@ -82,6 +87,11 @@ generate_password() {
     head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n'
 }
 
+# Passwords go to rabbitmqctl on its standard input, never on a command line (where `ps`
+# would show them).
+add_user() { printf '%s\n' "$2" | ctl add_user "$1" >/dev/null; }
+change_password() { printf '%s\n' "$2" | ctl change_password "$1" >/dev/null; }
+
 user_exists() {
     ctl list_users --no-table-headers | cut -f1 | grep -qxF "$1"
 }
@@ -95,22 +105,22 @@ user() {
             ctl clear_password "$name" >/dev/null
             echo "user $name: exists (no password: certificate login)"
         elif [ -n "$password" ]; then
-            ctl change_password "$name" "$password" >/dev/null
+            change_password "$name" "$password"
             echo "user $name: password changed"
         else
             echo "user $name: exists (password unchanged; set $2 to change it)"
         fi
     else
         if [ "$EXTERNAL" = 1 ]; then
-            ctl add_user "$name" "$(generate_password)" >/dev/null
+            add_user "$name" "$(generate_password)"
             ctl clear_password "$name" >/dev/null
             echo "user $name: created without a password (its client certificate's CN: $name)"
         elif [ -z "$password" ]; then
             password="$(generate_password)"
-            ctl add_user "$name" "$password" >/dev/null
+            add_user "$name" "$password"
             echo "user $name: created with password $password  (keep it: it is not shown again)"
         else
-            ctl add_user "$name" "$password" >/dev/null
+            add_user "$name" "$password"
             echo "user $name: created"
         fi
     fi
