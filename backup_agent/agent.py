@@ -20,7 +20,7 @@ from backup_agent.config import AgentSettings
 from backup_agent.conversion import remove_tree
 from backup_agent.fetchers import OpFailure
 from backup_agent.journal import Entry, Journal
-from backup_agent.layout import Layout, PathRejected
+from backup_agent.layout import Layout
 from backup_agent.work import Work
 from image_service.protocol.agent import (
     AgentCommand,
@@ -58,9 +58,7 @@ class Agent:
     async def start(self) -> None:
         self.layout.prepare()
         self.uuid = self.layout.identity(self.settings.backup_storage_uuid)
-        self.work = Work(
-            self.settings, self.layout, self.uuid, self.running, self._progress, self._produced_by
-        )
+        self.work = self._make_work()
         await self.bus.connect()
         await self.bus.declare_agent_topology(self.uuid)
         self.journal.prune(JOURNAL_RETENTION)
@@ -187,20 +185,23 @@ class Agent:
         entry = self.journal.finish(op_id, command.model_dump(mode="json"), result)
         await self._publish_result(entry)
 
-    def _produced_by(self, path: Path, op_id: str) -> str | None:
-        """The finished op of the journal, other than `op_id`, that stored the file at `path`.
-        Asked only when a download finds its target taken, so a scan of the journal is fine."""
-        for entry in self.journal.entries():
-            stored = entry.result.stored if entry.result is not None else None
-            if stored is None or entry.op_id == op_id or entry.command is None:
-                continue
-            image_uuid = str(entry.command.get("imageUuid", ""))
-            try:
-                if self.layout.resolve_install_path(stored.installPath, image_uuid) == path:
-                    return entry.op_id
-            except PathRejected:
-                continue
-        return None
+    def _make_work(self) -> Work:
+        return Work(
+            self.settings,
+            self.layout,
+            self.uuid,
+            self.running,
+            self._progress,
+            self._placing,
+            self._was_placing,
+        )
+
+    def _placing(self, command: AgentCommand, path: Path) -> None:
+        self.journal.placing(command.opId, command.model_dump(mode="json"), str(path))
+
+    def _was_placing(self, op_id: str, path: Path) -> bool:
+        entry = self.journal.get(op_id)
+        return entry is not None and entry.result is None and entry.placing == str(path)
 
     # --- publishing ----------------------------------------------------------------------
 

@@ -30,6 +30,9 @@ class Entry:
     command: dict[str, Any] | None
     result: AgentResult | None
     published: bool
+    # The stored file this op was moving into place (set just before the move): after a crash
+    # there, the resumed op may replace that file, and only that one.
+    placing: str | None = None
 
 
 class Journal:
@@ -48,6 +51,7 @@ class Journal:
                 data.get("command"),
                 AgentResult.model_validate(result) if result is not None else None,
                 bool(data.get("published")),
+                data.get("placing") if isinstance(data.get("placing"), str) else None,
             )
         except FileNotFoundError:
             return None
@@ -62,6 +66,7 @@ class Journal:
             if entry.result is not None
             else None,
             "published": entry.published,
+            "placing": entry.placing,
             "updatedAt": time.time(),
         }
         write_atomically(self._path(entry.op_id), json.dumps(body).encode())
@@ -70,6 +75,10 @@ class Journal:
         entry = Entry(op_id, command, None, False)
         self._write(entry)
         return entry
+
+    def placing(self, op_id: str, command: dict[str, Any], path: str) -> None:
+        """Record, before the move, the stored file this op is about to create."""
+        self._write(Entry(op_id, command, None, False, path))
 
     def finish(self, op_id: str, command: dict[str, Any] | None, result: AgentResult) -> Entry:
         entry = Entry(op_id, command, result, False)

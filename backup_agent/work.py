@@ -33,8 +33,10 @@ from image_service.protocol.errors import ErrorCode
 log = logging.getLogger(__name__)
 
 ReportProgress = Callable[[str, int, int | None], Awaitable[None]]
-# The op (other than the given one) whose finished result stored the file at a path, if any.
-ProducedBy = Callable[[Path, str], str | None]
+# Whether the op (by id) was itself moving a file to the path when it stopped; it records the
+# path just before each move (the callable of that name records it).
+WasPlacing = Callable[[str, Path], bool]
+Placing = Callable[[AgentCommand, Path], None]
 
 
 class Work:
@@ -45,7 +47,8 @@ class Work:
         backup_storage_uuid: str,
         running: dict[str, asyncio.Task[None]],
         report_progress: ReportProgress,
-        produced_by: ProducedBy,
+        placing: Placing,
+        was_placing: WasPlacing,
     ) -> None:
         self.settings = settings
         self.layout = layout
@@ -53,7 +56,8 @@ class Work:
         # The agent's running ops, by op id: a delete cancels those it names.
         self.running = running
         self._report_progress = report_progress
-        self._produced_by = produced_by
+        self._placing = placing
+        self._was_placing = was_placing
         self._downloads = asyncio.Semaphore(settings.max_downloads)
 
     async def run(self, command: AgentCommand) -> AgentResult:
@@ -85,14 +89,15 @@ class Work:
     ) -> AgentResult:
         """Inspect a finished partial file and move it into place; the op's result."""
         facts = await inspect_image(partial, command.format)
-        if final.exists():
-            producer = self._produced_by(final, command.opId)
-            if producer is not None:
-                raise OpFailure(
-                    ErrorCode.OPERATION_ERROR,
-                    f"{command.installPath} already holds the image that op {producer} stored",
-                )
+        # A stored file is never replaced (only a delete of its image removes it), except by
+        # the op that was moving it into place when the agent stopped, resumed now.
+        if final.exists() and not self._was_placing(command.opId, final):
+            raise OpFailure(
+                ErrorCode.OPERATION_ERROR,
+                f"{command.installPath} already holds a stored image; the agent never replaces one",
+            )
         final.parent.mkdir(parents=True, exist_ok=True)
+        self._placing(command, final)
         os.replace(partial, final)
         fsync_dir(final.parent)
         stored = StoredFile(

@@ -160,7 +160,7 @@ async def test_the_agent_never_overwrites_or_removes_another_images_file(stack: 
         in results["download into another image's directory"]["details"]
     )
     assert results["download over a stored file"]["code"] == "OPERATION_ERROR"
-    assert "already holds the image" in results["download over a stored file"]["details"]
+    assert "already holds a stored image" in results["download over a stored file"]["details"]
     assert path.exists() and md5_of(path) == md5, "the golden image is untouched"
     assert "not in the directory of image" in agent.proc.log()  # the refused delete
     assert stack.http.hits.get("evil.raw", 0) <= 1  # fetched at most once, never stored

@@ -1083,8 +1083,7 @@ async def test_even_the_service_user_cannot_escape_the_image_directory(
             f" of image {other_image}",
             f"op {sent['outside']} failed: INVALID_ARGUMENT: /etc/passwd is outside",
             f"op {sent['climbing']} failed: INVALID_ARGUMENT: ",
-            f"op {sent['overwrite']} failed: OPERATION_ERROR: {path} already holds the image"
-            " that op",
+            f"op {sent['overwrite']} failed: OPERATION_ERROR: {path} already holds a stored image",
             f"delete of {path} refused: {path} is not in the directory of image {other_image}",
         ]
     )
