@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import time
@@ -27,7 +28,7 @@ from aio_pika.abc import AbstractIncomingMessage
 
 from image_service.protocol.client import ApiClient
 from image_service.protocol.names import Names
-from tests.conftest import FileServer, Stack, _drop_database, clone_database, wait_for
+from tests.conftest import AMQP_URL, FileServer, Stack, _drop_database, clone_database, wait_for
 from tests.helpers import publish
 from tests.integration.tls_broker import TlsBroker, tls_broker_fixture  # noqa: F401 (fixture)
 
@@ -160,12 +161,56 @@ async def _async(value: bool) -> bool:
     return value
 
 
+def unknown_node_name() -> str:
+    """A direct reply-to name that reads as one (an Erlang pid term) but names a node alias the
+    broker does not know: only a publish can tell, and RabbitMQ 3.10 answers it by closing the
+    connection."""
+    node = f"reply@{uuid.uuid4().int % 10**9}".encode()
+    term = bytes([131, 88, 119, len(node)]) + node + bytes(12)
+    return f"amq.rabbitmq.reply-to.{base64.b64encode(term).decode()}.{uuid.uuid4().hex}"
+
+
+async def test_a_caller_on_direct_reply_to_gets_every_reply(stack: Stack) -> None:
+    """The checks on direct reply-to names never cost a genuine caller its replies: the first
+    to a node goes alone, the next ones on the shared reply connection; queries and writes."""
+    connection = await aio_pika.connect(AMQP_URL)
+    try:
+        channel = await connection.channel()
+        replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        direct = await channel.get_queue("amq.rabbitmq.reply-to", ensure=False)
+
+        async def on_reply(message: AbstractIncomingMessage) -> None:
+            replies.put_nowait(json.loads(message.body))
+
+        await direct.consume(on_reply, no_ack=True)
+        sent = []
+        for i in range(10):
+            api, params = (
+                ("QueryImage", {"limit": 1}) if i % 2 else ("DeleteTag", {"uuid": "0" * 32})
+            )
+            sent.append(api)
+            await channel.default_exchange.publish(
+                aio_pika.Message(
+                    json.dumps({"api": api, "params": params}).encode(),
+                    message_id=uuid.uuid4().hex,
+                    reply_to="amq.rabbitmq.reply-to",
+                ),
+                routing_key=stack.names.api,
+            )
+            reply = await asyncio.wait_for(replies.get(), 15)
+            assert reply["api"] == api, reply
+    finally:
+        await connection.close()
+    assert "dropped" not in stack.services[0].log()
+
+
 async def test_forged_direct_reply_names_delay_ordinary_calls_under_1s_at_p99(
     stack: Stack,
 ) -> None:
     forged = [
         f"amq.rabbitmq.reply-to.{uuid.uuid4().hex}.{uuid.uuid4().hex}",  # malformed: fatal
-        "amq.rabbitmq.reply-to.g1h2AA1yZXBseUA5MjQ4ODg0AAADXQAAAABrAAA=.x",  # bad pid: fatal
+        "amq.rabbitmq.reply-to.g1h2AA1yZXBseUA5MjQ4ODg0AAADXQAAAABrAAA=.x",  # cut short: fatal
+        unknown_node_name(),  # a well-formed pid on a node the broker does not know: fatal
     ]
     image = uuid.uuid4().hex
     await stack.db.execute(
