@@ -275,6 +275,7 @@ class Bus:
                 self._reply_connection = connection = await aio_pika.connect(
                     self.broker.url,
                     ssl_context=self.broker.ssl_context,
+                    timeout=CONNECT_TIMEOUT,
                     client_properties={"connection_name": f"{self.connection_name} (replies)"},
                 )
                 self._reply_channel = await connection.channel(publisher_confirms=True)
@@ -299,8 +300,8 @@ class Bus:
         flight on it too. A name that cannot be one is refused without a publish; a name on a
         broker node that has not taken a direct reply yet is tried alone, on a connection of
         its own (direct_reply.py). On the shared reply connection, a reply whose publish fails
-        is tried once more alone: if the broker refuses it there, it was the culprit
-        (PublishRejected, and its caller drops it); the others go through."""
+        is tried once more alone: if the broker refuses it there, it was the culprit (Refused,
+        and its caller drops it); the others go through."""
         check = self._rabbitmq_3
         route = self._direct_nodes.route(reply_to, check_pid=check)
         if route is Route.REFUSE:
