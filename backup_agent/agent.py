@@ -33,7 +33,7 @@ from image_service.protocol.agent import (
 from image_service.protocol.errors import ErrorCode, validation_details
 from image_service.protocol.events import ImageProgress
 from image_service.protocol.names import Names
-from image_service.protocol.transport import Bus, Incoming
+from image_service.protocol.transport import Bus, Incoming, WrongBrokerUser
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ class Agent:
                 await self._publish_result(entry)
         for entry in unfinished:
             self._resume(entry)
+        await self._first_beat()
         self._heartbeat = asyncio.create_task(self._heartbeat_loop())
         await self.bus.consume(self.names.agent(self.uuid), self.on_command, prefetch=32)
         log.info(
@@ -238,30 +239,43 @@ class Agent:
                 event.model_dump_json().encode(),
             )
 
-    async def _heartbeat_loop(self) -> None:
+    async def _beat(self) -> None:
         interval = self.settings.heartbeat_interval
+        capacity = await asyncio.to_thread(self.layout.capacity, self.settings.capacity)
+        beat = Heartbeat(
+            uuid=self.uuid,
+            name=self.settings.name,
+            url=str(self.layout.root),
+            hostname=self.settings.hostname,
+            totalCapacity=capacity.total,
+            availableCapacity=capacity.available,
+            heartbeatInterval=interval,
+            sentAt=time.time(),
+        )
+        await self.bus.publish(
+            self.names.agent_messages,
+            self.names.heartbeat_key(self.uuid),
+            beat.model_dump_json().encode(),
+            persistent=False,
+            expiration=max(1.0, interval * 2),
+        )
+
+    async def _first_beat(self) -> None:
+        """The first heartbeat, before any work: a broker that knows this agent as another user
+        than its messages say (WrongBrokerUser) stops it here, at once and clearly."""
+        try:
+            await self._beat()
+        except WrongBrokerUser:
+            raise
+        except Exception as exc:
+            log.warning("heartbeat failed: %r", exc)
+
+    async def _heartbeat_loop(self) -> None:
         while True:
+            await asyncio.sleep(self.settings.heartbeat_interval)
             try:
-                capacity = await asyncio.to_thread(self.layout.capacity, self.settings.capacity)
-                beat = Heartbeat(
-                    uuid=self.uuid,
-                    name=self.settings.name,
-                    url=str(self.layout.root),
-                    hostname=self.settings.hostname,
-                    totalCapacity=capacity.total,
-                    availableCapacity=capacity.available,
-                    heartbeatInterval=interval,
-                    sentAt=time.time(),
-                )
-                await self.bus.publish(
-                    self.names.agent_messages,
-                    self.names.heartbeat_key(self.uuid),
-                    beat.model_dump_json().encode(),
-                    persistent=False,
-                    expiration=max(1.0, interval * 2),
-                )
+                await self._beat()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 log.warning("heartbeat failed: %r", exc)
-            await asyncio.sleep(interval)

@@ -10,6 +10,7 @@ from backup_agent.agent import Agent
 from backup_agent.config import AgentSettings
 from backup_agent.layout import IdentityMismatch
 from image_service.protocol.config import exit_with, options_parser, settings_from
+from image_service.protocol.transport import WrongBrokerUser
 
 
 def parse_args(argv: list[str] | None = None) -> AgentSettings:
@@ -37,7 +38,7 @@ async def _run(settings: AgentSettings) -> None:
 def main(argv: list[str] | None = None) -> None:
     try:
         asyncio.run(_run(parse_args(argv)))
-    except IdentityMismatch as exc:
+    except (IdentityMismatch, WrongBrokerUser) as exc:
         exit_with("backup-agent", str(exc), 2)
 
 

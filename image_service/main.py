@@ -8,6 +8,7 @@ import signal
 
 from image_service.config import ServiceSettings
 from image_service.protocol.config import exit_with, options_parser, settings_from
+from image_service.protocol.transport import WrongBrokerUser
 from image_service.service import run_forever
 from image_service.store import LATEST_VERSION, SchemaTooNew, Store
 
@@ -52,6 +53,8 @@ def main(argv: list[str] | None = None) -> None:
             asyncio.run(_run(settings))
     except SchemaTooNew as exc:
         exit_with(PROG, str(exc))
+    except WrongBrokerUser as exc:
+        exit_with(PROG, str(exc), 2)
 
 
 if __name__ == "__main__":

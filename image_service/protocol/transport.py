@@ -81,8 +81,26 @@ async def _publish_or_reject(
         await target.publish(message, routing_key=routing_key, timeout=PUBLISH_TIMEOUT)
     except aiormq.exceptions.DeliveryError as exc:
         raise Unroutable(f"{routing_key[:300]}: {exc!r}") from exc
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        if "user_id" in str(exc):
+            raise WrongBrokerUser(_wrong_user(message.user_id, exc)) from None
+        raise PublishRejected(f"{routing_key[:300]}: {exc!r}") from exc
     except _CLOSED_BY_BROKER as exc:
         raise PublishRejected(f"{routing_key[:300]}: {exc!r}") from exc
+
+
+def _wrong_user(user: str | None, exc: BaseException) -> str:
+    return (
+        f"the broker does not know this connection as {user!r} ({exc.args[0] if exc.args else exc});"
+        " with a client certificate the broker must map its common name to the user"
+        " (ssl_cert_login_from = common_name)"
+    )
+
+
+class WrongBrokerUser(Exception):
+    """The broker knows this process's connection as another user than the one its messages
+    are signed with (a certificate login mapped by distinguished name, say): every publish
+    would be refused, so the process must not start."""
 
 
 class RetryLater(Exception):
@@ -149,10 +167,29 @@ class Bus:
         self.connection = await self._connect("")
         self.publish_connection = await self._connect("publish")
         self._publish_channel = await self.publish_connection.channel(publisher_confirms=True)
+        await self._check_user()
         transport = self.publish_connection.transport
         if transport is not None:
             version = transport.connection.server_properties.get("version")
             self._rabbitmq_3 = str(version or "").startswith("3.")
+
+    async def _check_user(self) -> None:
+        """Publish one message that routes nowhere, signed as `broker.user`: the broker checks
+        `user_id` before routing, and refuses it if the connection's user is another."""
+        assert self.publish_connection is not None
+        # A user that may not publish to the default exchange (an agent's) cannot be checked
+        # here: its first heartbeat is the check (backup_agent.agent).
+        with contextlib.suppress(aiormq.exceptions.ChannelAccessRefused):
+            async with self.publish_connection.channel(publisher_confirms=True) as probe:
+                try:
+                    await probe.default_exchange.publish(
+                        aio_pika.Message(b"", user_id=self.broker.user),
+                        routing_key=f"{self.names.namespace}.user-probe",
+                        mandatory=False,
+                        timeout=PUBLISH_TIMEOUT,
+                    )
+                except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                    raise WrongBrokerUser(_wrong_user(self.broker.user, exc)) from None
 
     def _channel(self) -> AbstractChannel:
         assert self._publish_channel is not None, "Bus.connect() first"

@@ -25,7 +25,9 @@ import pytest_asyncio
 from image_service.protocol.broker import Broker, BrokerConfigError
 from image_service.protocol.client import ApiClient
 from image_service.protocol.names import Names
+from image_service.protocol.transport import Bus, WrongBrokerUser
 from tests.conftest import (
+    AMQP_URL,
     Agent,
     FileServer,
     Stack,
@@ -199,3 +201,20 @@ def test_settings_that_cannot_work_end_the_process_with_one_line(
         assert words in done.stderr and "Traceback" not in done.stderr, done.stderr
     with pytest.raises(BrokerConfigError):
         Broker.configure("amqps://localhost/", key_file=key)
+
+
+async def test_a_process_the_broker_knows_as_another_user_does_not_start() -> None:
+    """Every message is signed with the process's broker user; when the broker knows the
+    connection as someone else (a certificate mapped by distinguished name, not common name),
+    every publish would be refused. The service finds out at connect, not at its first reply."""
+    bus = Bus(Broker(url=AMQP_URL, user="CN=image-service,O=example"), Names("probe"))
+    try:
+        with pytest.raises(WrongBrokerUser, match="ssl_cert_login_from = common_name"):
+            await bus.connect()
+    finally:
+        await bus.close()
+    good = Bus(Broker.plain(AMQP_URL), Names("probe"))
+    try:
+        await good.connect()
+    finally:
+        await good.close()
