@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+from typing import TypeVar
 
 from pydantic import ValidationError
 
@@ -26,6 +27,12 @@ from image_service.protocol.errors import validation_details
 from image_service.protocol.transport import Bus, Incoming
 
 log = logging.getLogger(__name__)
+
+M = TypeVar("M", AgentResult, Heartbeat)
+_KINDS: dict[type[AgentResult] | type[Heartbeat], str] = {
+    AgentResult: "agent result",
+    Heartbeat: "heartbeat",
+}
 
 
 def _sender(msg: Incoming, what: str, exchange: str, key: str) -> str | None:
@@ -55,39 +62,35 @@ class AgentInputs:
         self.bus = bus
         self.agent_users = agent_users
 
-    async def on_result(self, msg: Incoming) -> None:
+    def _read(self, msg: Incoming, model: type[M]) -> tuple[M, str] | None:
+        """The message as `model` and the broker user that sent it, or None (logged) when it is
+        malformed or cannot be an agent's."""
         try:
-            result = AgentResult.model_validate_json(msg.body)
+            item = model.model_validate_json(msg.body)
         except ValidationError as exc:
-            log.warning("malformed agent result dropped: %s", validation_details(exc))
-            return
+            log.warning("malformed %s dropped: %s", _KINDS[model], validation_details(exc))
+            return None
         names = self.transactions.names
-        user = _sender(
-            msg,
-            f"result of op {result.opId}",
-            names.agent_messages,
-            names.result_key(result.backupStorageUuid),
-        )
-        if user is None:
+        if isinstance(item, AgentResult):
+            what, key = f"result of op {item.opId}", names.result_key(item.backupStorageUuid)
+        else:
+            what, key = f"heartbeat of backup storage {item.uuid}", names.heartbeat_key(item.uuid)
+        user = _sender(msg, what, names.agent_messages, key)
+        return None if user is None else (item, user)
+
+    async def on_result(self, msg: Incoming) -> None:
+        read = self._read(msg, AgentResult)
+        if read is None:
             return
+        result, user = read
         async with self.transactions.open() as ctx:
             await apply_result(ctx, result, sender=user)
 
     async def on_heartbeat(self, msg: Incoming) -> None:
-        try:
-            beat = Heartbeat.model_validate_json(msg.body)
-        except ValidationError as exc:
-            log.warning("malformed heartbeat dropped: %s", validation_details(exc))
+        read = self._read(msg, Heartbeat)
+        if read is None:
             return
-        names = self.transactions.names
-        user = _sender(
-            msg,
-            f"heartbeat of backup storage {beat.uuid}",
-            names.agent_messages,
-            names.heartbeat_key(beat.uuid),
-        )
-        if user is None:
-            return
+        beat, user = read
         async with self.transactions.open() as ctx:
             owner = await ctx.tx.backup_storages.owner_for_update(beat.uuid)
             owned_by = owner.agent_user if owner is not None else None

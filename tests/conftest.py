@@ -345,6 +345,20 @@ class Stack:
                 timeout=10,
             )
 
+    async def stop_processes(self) -> None:
+        """Kill every agent and replica (printing their logs with TEST_SHOW_LOGS=1) and close
+        the database connection: the teardown every deployment fixture shares."""
+        for agent in self.agents:
+            agent.proc.kill()
+        for proc in self.services:
+            proc.kill()
+        if os.environ.get("TEST_SHOW_LOGS"):
+            for proc in [*self.services, *(a.proc for a in self.agents)]:
+                print(f"===== {proc.name}\n{proc.log()}")
+        if self.db is not None:
+            with contextlib.suppress(Exception):
+                await self.db.close()
+
     async def image_row(self, image_uuid: str) -> asyncpg.Record | None:
         return await self.db.fetchrow("SELECT * FROM image WHERE uuid = $1", image_uuid)
 
@@ -480,15 +494,7 @@ async def stack(tmp_path: Path, template_database: str) -> AsyncIterator[Stack]:
         yield stack_
     finally:
         if stack_ is not None:
-            for agent in stack_.agents:
-                agent.proc.kill()
-            for proc in stack_.services:
-                proc.kill()
-            if os.environ.get("TEST_SHOW_LOGS"):
-                for proc in [*stack_.services, *(a.proc for a in stack_.agents)]:
-                    print(f"===== {proc.name}\n{proc.log()}")
-            with contextlib.suppress(Exception):
-                await stack_.db.close()
+            await stack_.stop_processes()
         await client.close()
         await http.stop()
         await _drop_namespace(namespace, [a.uuid for a in (stack_.agents if stack_ else [])])

@@ -275,3 +275,37 @@ async def events_delivered(stack: Stack, recorder: EventRecorder, timeout: float
         return any(k == key for k, _ in recorder.events)
 
     await wait_for(arrived, timeout, interval=0.05)
+
+
+async def fill_images(db: asyncpg.Connection, images: int) -> None:
+    """`images` images straight into the database, each with a backup storage reference (on
+    one of 3 backup storages), a root volume and a user tag, then ANALYZE: the data the
+    costly-query test and benchmark plan against. Image i's uuid is md5('img' || i)."""
+    await db.execute(
+        "INSERT INTO backup_storage (uuid, name, url, hostname)"
+        " SELECT md5('bs' || i), 'bs' || i, '/bs' || i, 'h' FROM generate_series(1, 3) i"
+    )
+    await db.execute(
+        "INSERT INTO image (uuid, name, url, status, format, media_type, platform, system, type)"
+        " SELECT md5('img' || i), 'image ' || i, 'http://127.0.0.1/' || i, 'Downloading', 'raw',"
+        " 'RootVolumeTemplate', 'Linux', false, 'zstack' FROM generate_series(1, $1) i",
+        images,
+    )
+    await db.execute(
+        "INSERT INTO image_backup_storage_ref (image_uuid, backup_storage_uuid, install_path,"
+        " status) SELECT md5('img' || i), md5('bs' || (1 + i % 3)), '/p/' || i, 'Downloading'"
+        " FROM generate_series(1, $1) i",
+        images,
+    )
+    await db.execute(
+        "INSERT INTO volume (uuid, name, vm_instance_uuid, root_image_uuid)"
+        " SELECT md5('vol' || i), 'vol ' || i, md5('vm' || i), md5('img' || i)"
+        " FROM generate_series(1, $1) i",
+        images,
+    )
+    await db.execute(
+        "INSERT INTO user_tag (uuid, resource_uuid, tag)"
+        " SELECT md5('tag' || i), md5('img' || i), 'tag ' || i FROM generate_series(1, $1) i",
+        images,
+    )
+    await db.execute("ANALYZE")

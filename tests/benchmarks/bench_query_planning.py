@@ -24,6 +24,7 @@ from image_service import query
 from image_service.params import Query
 from image_service.query import IMAGE, compile_query
 from image_service.store import Store
+from tests.helpers import fill_images
 
 PG_URL = os.environ.get("TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432")
 FIELDS = ["backupStorage.name", "volume.name", "backupStorageRef.installPath", "__userTag__"]
@@ -34,37 +35,6 @@ def conditions(count: int) -> list[dict[str, Any]]:
         {"name": FIELDS[i % len(FIELDS)], "op": "~=" if i % 2 else "!=", "value": f"%{i}%"}
         for i in range(count)
     ]
-
-
-async def fill(db: asyncpg.Connection, images: int) -> None:
-    await db.execute(
-        "INSERT INTO backup_storage (uuid, name, url, hostname)"
-        " SELECT md5('bs' || i), 'bs' || i, '/bs' || i, 'h' FROM generate_series(1, 3) i"
-    )
-    await db.execute(
-        "INSERT INTO image (uuid, name, url, status, format, media_type, platform, system, type)"
-        " SELECT md5('img' || i), 'image ' || i, 'http://127.0.0.1/' || i, 'Downloading', 'raw',"
-        " 'RootVolumeTemplate', 'Linux', false, 'zstack' FROM generate_series(1, $1) i",
-        images,
-    )
-    await db.execute(
-        "INSERT INTO image_backup_storage_ref (image_uuid, backup_storage_uuid, install_path,"
-        " status) SELECT md5('img' || i), md5('bs' || (1 + i % 3)), '/p/' || i, 'Downloading'"
-        " FROM generate_series(1, $1) i",
-        images,
-    )
-    await db.execute(
-        "INSERT INTO volume (uuid, name, vm_instance_uuid, root_image_uuid)"
-        " SELECT md5('vol' || i), 'vol ' || i, md5('vm' || i), md5('img' || i)"
-        " FROM generate_series(1, $1) i",
-        images,
-    )
-    await db.execute(
-        "INSERT INTO user_tag (uuid, resource_uuid, tag)"
-        " SELECT md5('tag' || i), md5('img' || i), 'tag ' || i FROM generate_series(1, $1) i",
-        images,
-    )
-    await db.execute("ANALYZE")
 
 
 async def timings(db: asyncpg.Connection, count: int, joined: int) -> tuple[float, float]:
@@ -95,7 +65,7 @@ async def main() -> None:
         await store.close()
         db = await asyncpg.connect(f"{PG_URL}/{dbname}")
         try:
-            await fill(db, args.images)
+            await fill_images(db, args.images)
             print(f"{args.images:,} images; planning / execution of the page statement, ms")
             print(f"{'nested':>6}  {'all semi-joins (before)':>26}  {'as compiled now':>20}  ratio")
             for count in (1, 4, 8, 16, 32, 64):

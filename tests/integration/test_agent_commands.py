@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import Stack
+from tests.conftest import Agent, Stack
 from tests.helpers import (
     add_ready,
     error_of,
@@ -85,12 +85,8 @@ async def test_invalid_commands_are_dropped_with_a_reason_and_change_nothing(sta
     assert stack.http.hits["bait.raw"] == 1
 
 
-async def test_a_success_that_names_no_file_fails_its_op_and_answers_the_caller(
-    stack: Stack,
-) -> None:
-    """Such a result would come again at every re-send of the command: the op fails at once
-    (OPERATION_ERROR) instead of holding its caller until the backup storage disconnects."""
-    agent = await stack.start_agent("bs1")
+async def slow_add(stack: Stack, agent: Agent) -> tuple[asyncio.Task[dict[str, Any]], str]:
+    """An AddImage whose download takes seconds, and the id of its Pending op."""
     stack.http.add("slow.raw", os.urandom(4 * 2**20))
     task = asyncio.create_task(
         stack.add_image(stack.http.url(f"slow/slow.raw?rate={2**19}"), [agent], name="slow")
@@ -100,7 +96,16 @@ async def test_a_success_that_names_no_file_fails_its_op_and_answers_the_caller(
         op_id = await stack.db.fetchval("SELECT op_id FROM op WHERE status = 'Pending'")
         return str(op_id) if op_id else None
 
-    op_id = await wait_for(pending_op, timeout=10)
+    return task, await wait_for(pending_op, timeout=10)
+
+
+async def test_a_success_that_names_no_file_fails_its_op_and_answers_the_caller(
+    stack: Stack,
+) -> None:
+    """Such a result would come again at every re-send of the command: the op fails at once
+    (OPERATION_ERROR) instead of holding its caller until the backup storage disconnects."""
+    agent = await stack.start_agent("bs1")
+    task, op_id = await slow_add(stack, agent)
     body = {"opId": op_id, "backupStorageUuid": agent.uuid, "success": True}
     await publish_result(stack.names, agent.uuid, json.dumps(body).encode(), message_id=op_id)
     reply = await asyncio.wait_for(task, 30)
@@ -176,16 +181,7 @@ async def test_a_result_that_names_another_path_fails_its_op_and_records_nothing
 ) -> None:
     """A result from the right agent is applied only with the installPath its command named."""
     agent = await stack.start_agent("bs1")
-    stack.http.add("slow.raw", os.urandom(4 * 2**20))
-    task = asyncio.create_task(
-        stack.add_image(stack.http.url(f"slow/slow.raw?rate={2**19}"), [agent], name="slow")
-    )
-
-    async def pending_op() -> str | None:
-        op_id = await stack.db.fetchval("SELECT op_id FROM op WHERE status = 'Pending'")
-        return str(op_id) if op_id else None
-
-    op_id = await wait_for(pending_op, timeout=10)
+    task, op_id = await slow_add(stack, agent)
     body = {
         "opId": op_id, "backupStorageUuid": agent.uuid, "success": True,
         "installPath": "/etc/passwd", "size": 1, "actualSize": 1, "virtualSize": 2**40,

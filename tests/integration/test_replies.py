@@ -56,12 +56,7 @@ async def private_stack(
         await wait_for(lambda: _consumed(url, stack.names.api), timeout=30)
         yield stack
     finally:
-        for agent in stack.agents:
-            agent.proc.kill()
-        for proc in stack.services:
-            proc.kill()
-        with contextlib.suppress(Exception):
-            await stack.db.close()
+        await stack.stop_processes()
         with contextlib.suppress(Exception):
             await client.close()
         await http.stop()

@@ -15,45 +15,16 @@ import uuid
 from typing import Any
 
 from tests.conftest import Stack, _api_consumed, wait_for
-from tests.helpers import error_of
+from tests.helpers import error_of, fill_images
 
 IMAGES = 3000
 HOSTILE_IN_FLIGHT = 16
 
 
 async def fill(stack: Stack) -> str:
-    """IMAGES images, each with a backup storage reference, a volume and a tag; returns one
-    image's uuid."""
-    db = stack.db
-    await db.execute(
-        "INSERT INTO backup_storage (uuid, name, url, hostname)"
-        " SELECT md5('bs' || i), 'bs' || i, '/bs' || i, 'h' FROM generate_series(1, 3) i"
-    )
-    await db.execute(
-        "INSERT INTO image (uuid, name, url, status, format, media_type, platform, system, type)"
-        " SELECT md5('img' || i), 'image ' || i, 'http://127.0.0.1/' || i, 'Downloading', 'raw',"
-        " 'RootVolumeTemplate', 'Linux', false, 'zstack' FROM generate_series(1, $1) i",
-        IMAGES,
-    )
-    await db.execute(
-        "INSERT INTO image_backup_storage_ref (image_uuid, backup_storage_uuid, install_path,"
-        " status) SELECT md5('img' || i), md5('bs' || (1 + i % 3)), '/p/' || i, 'Downloading'"
-        " FROM generate_series(1, $1) i",
-        IMAGES,
-    )
-    await db.execute(
-        "INSERT INTO volume (uuid, name, vm_instance_uuid, root_image_uuid)"
-        " SELECT md5('vol' || i), 'vol ' || i, md5('vm' || i), md5('img' || i)"
-        " FROM generate_series(1, $1) i",
-        IMAGES,
-    )
-    await db.execute(
-        "INSERT INTO user_tag (uuid, resource_uuid, tag)"
-        " SELECT md5('tag' || i), md5('img' || i), 'tag ' || i FROM generate_series(1, $1) i",
-        IMAGES,
-    )
-    await db.execute("ANALYZE")
-    return str(await db.fetchval("SELECT md5('img1')"))
+    """IMAGES images with their references, volumes and tags; returns one image's uuid."""
+    await fill_images(stack.db, IMAGES)
+    return str(await stack.db.fetchval("SELECT md5('img1')"))
 
 
 def hostile_conditions() -> list[dict[str, Any]]:

@@ -100,12 +100,7 @@ async def tls_stack(
         yield stack
     finally:
         if stack is not None:
-            for agent in stack.agents:
-                agent.proc.kill()
-            for proc in stack.services:
-                proc.kill()
-            with contextlib.suppress(Exception):
-                await stack.db.close()
+            await stack.stop_processes()
         await client.close()
         await http.stop()
         await _drop_database(dbname)
@@ -155,7 +150,10 @@ async def test_service_and_agents_work_over_tls_with_certificates_only(
 async def test_a_client_without_a_valid_certificate_is_refused(
     tls_broker: TlsBroker, case: str
 ) -> None:
-    tls_broker.add_user("intruder")
+    # The intruder's user exists, may do anything, and has a password: only the certificate
+    # (or the trust in the broker) can be why it is refused.
+    tls_broker.add_user("intruder", "intruder-password")
+    tls_broker.set_permissions("intruder", ".*", ".*", ".*")
     try:
         base = f"amqps://localhost:{tls_broker.amqps_port}/"
         if case == "untrusted certificate":
@@ -165,7 +163,8 @@ async def test_a_client_without_a_valid_certificate_is_refused(
             )
         elif case == "no certificate":
             broker = Broker.configure(
-                f"amqps://intruder@localhost:{tls_broker.amqps_port}/", ca_file=tls_broker.ca_cert
+                f"amqps://intruder:intruder-password@localhost:{tls_broker.amqps_port}/",
+                ca_file=tls_broker.ca_cert,
             )
         else:  # verifies the broker against the system's CAs, which do not know it
             cert, key = tls_broker.client_cert("intruder")

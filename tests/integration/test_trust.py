@@ -454,20 +454,12 @@ async def trust(
         await stack.start_trusted_agent("bs-b", bs_uuids[1])
         yield stack
     finally:
-        for agent in stack.agents:
-            agent.proc.kill()
-        for proc in stack.services:
-            proc.kill()
         if os.environ.get("TEST_SHOW_LOGS"):
             print("===== setup-users.sh\n" + "\n".join(stack.setup_output))
-            for proc in [*stack.services, *(a.proc for a in stack.agents)]:
-                print(f"===== {proc.name}\n{proc.log()}")
+        await stack.stop_processes()
         if stack.client is not None:
             with contextlib.suppress(Exception):
                 await stack.client.close()
-        if stack.db is not None:
-            with contextlib.suppress(Exception):
-                await stack.db.close()
         await http.stop()
         # Deleting the users closes their connections; deleting the vhost removes its queues.
         await asyncio.gather(
