@@ -14,12 +14,20 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, 
 from image_service.protocol.errors import ErrorCode
 
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def check_hex32(value: str) -> str:
     """A resource uuid or an md5: 32 lowercase hex characters (the API parameters use it too)."""
     if not _HEX32.match(value):
         raise ValueError("must be 32 lowercase hex characters")
+    return value
+
+
+def check_hex64(value: str) -> str:
+    """A SHA-256: 64 lowercase hex characters."""
+    if not _HEX64.match(value):
+        raise ValueError("must be 64 lowercase hex characters")
     return value
 
 
@@ -41,6 +49,7 @@ def _no_nul(value: str) -> str:
 Uuid32 = Annotated[str, AfterValidator(check_hex32)]
 OpId = Annotated[str, Field(max_length=64), AfterValidator(_op_id)]
 Md5 = Annotated[str, AfterValidator(check_hex32)]
+Sha256 = Annotated[str, AfterValidator(check_hex64)]
 FilePath = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_no_nul)]
 Bytes = Annotated[int, Field(ge=0, lt=2**63)]
 ImageFormat = Literal["qcow2", "raw", "iso"]
@@ -61,12 +70,14 @@ class _Command(_Message):
 
 
 class DownloadCommand(_Command):
-    """Fetch `url` into `installPath`, checking `md5Sum` when given, then inspect it."""
+    """Fetch `url` into `installPath`, checking `md5Sum` and `sha256Sum` when given, then
+    inspect it."""
 
     command: Literal["download"] = "download"
     url: Annotated[str, Field(min_length=1, max_length=2048)]
     format: ImageFormat
     md5Sum: Md5 | None = None
+    sha256Sum: Sha256 | None = None
 
 
 class CreateCommand(_Command):
@@ -110,6 +121,8 @@ class StoredFile(_Message):
     virtualSize: Bytes
     md5Sum: Md5
     format: ImageFormat
+    # Optional on the wire: an agent from before section 9 reports md5 only.
+    sha256Sum: Sha256 | None = None
 
 
 MAX_DETAILS = 65536
@@ -129,6 +142,7 @@ class AgentResult(_Message):
     virtualSize: Bytes | None = None
     md5Sum: Md5 | None = None
     format: ImageFormat | None = None
+    sha256Sum: Sha256 | None = None
     # A code the service does not know becomes OPERATION_ERROR there (PROTOCOL.md A.3).
     code: Annotated[str, Field(max_length=64)] | None = None
     details: Annotated[str, Field(max_length=MAX_DETAILS)] | None = None
@@ -141,6 +155,8 @@ class AgentResult(_Message):
             raise ValueError(f"a stored file needs {', '.join(missing)} too")
         if any(given) and not self.success:
             raise ValueError("a failed op stores no file")
+        if self.sha256Sum is not None and not all(given):
+            raise ValueError("sha256Sum belongs to a stored file")
         return self
 
     @property
@@ -148,7 +164,7 @@ class AgentResult(_Message):
         if self.installPath is None:
             return None
         return StoredFile.model_validate(
-            {name: getattr(self, name) for name in _STORED_FIELDS}, strict=False
+            {name: getattr(self, name) for name in (*_STORED_FIELDS, "sha256Sum")}, strict=False
         )
 
     @property
