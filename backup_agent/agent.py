@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -38,6 +39,19 @@ from image_service.protocol.transport import Bus, Incoming, WrongBrokerUser
 log = logging.getLogger(__name__)
 
 JOURNAL_RETENTION = 7 * 24 * 3600.0
+MAX_PUBLIC_DETAILS = 2048
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e\u00a0-\uffff]+")
+
+
+def public_details(details: str, private: Path) -> str:
+    """Error details fit for the service's replies (contract section 9): no path inside the
+    agent's private directory (partial files, journal), no control characters (qemu-img may
+    echo bytes of a hostile image), and a bounded length."""
+    text = re.sub(re.escape(str(private)) + r"[^\s'\"]*", "(agent-private file)", details)
+    text = _UNPRINTABLE.sub("?", text)
+    if len(text) > MAX_PUBLIC_DETAILS:
+        text = text[: MAX_PUBLIC_DETAILS - 1] + "…"
+    return text
 
 
 class Agent:
@@ -171,16 +185,16 @@ class Agent:
             result = await self.work.run(command)
         except OpFailure as exc:
             log.warning("op %s failed: %s", op_id, exc)
-            result = AgentResult.failed(op_id, self.uuid, exc.code, exc.details)
+            details = public_details(exc.details, self.layout.state)
+            result = AgentResult.failed(op_id, self.uuid, exc.code, details)
         except asyncio.CancelledError:
             if self._stopping:
                 raise  # stays unfinished in the journal; resumed at the next start
             result = self._cancelled(op_id)
         except Exception as exc:
             log.exception("op %s failed", op_id)
-            result = AgentResult.failed(
-                op_id, self.uuid, ErrorCode.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}"
-            )
+            details = public_details(f"{type(exc).__name__}: {exc}", self.layout.state)
+            result = AgentResult.failed(op_id, self.uuid, ErrorCode.INTERNAL_ERROR, details)
         finally:
             self.running.pop(op_id, None)
         entry = self.journal.finish(op_id, command.model_dump(mode="json"), result)

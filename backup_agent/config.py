@@ -11,13 +11,24 @@ import socket
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from backup_agent.fetchers import FetchSettings
+from backup_agent.netpolicy import NetworkPolicy, parse_networks
+from backup_agent.transfer import Limits
 from image_service.protocol.agent import Uuid32
 from image_service.protocol.config import BusSettings, LogLevel
 
 Seconds = Annotated[float, Field(gt=0, le=3600)]
+ByteCount = Annotated[int, Field(ge=1, lt=2**63)]
+
+
+def _networks(value: str) -> str:
+    parse_networks(value)  # ValueError names the entry
+    return value
+
+
+Networks = Annotated[str, AfterValidator(_networks)]
 
 
 class AgentSettings(BusSettings):
@@ -57,6 +68,38 @@ class AgentSettings(BusSettings):
     stall_timeout: Seconds = Field(
         30.0, description="a source that sends nothing for this long fails the download"
     )
+    allow_networks: Networks = Field(
+        "",
+        description="CIDR[,CIDR...] image sources may be fetched from, overriding the default"
+        " denials (loopback, link-local, multicast, unspecified, reserved); the longest"
+        " matching prefix of the two lists decides, a denial wins a tie",
+    )
+    deny_networks: Networks = Field(
+        "", description="CIDR[,CIDR...] image sources are never fetched from"
+    )
+    max_image_size: ByteCount = Field(
+        2 << 40, description="bytes an image file may have (CAPACITY_EXCEEDED beyond)"
+    )
+    max_virtual_size: ByteCount = Field(
+        16 << 40, description="bytes an image's virtual disk may have (UNSAFE_IMAGE beyond)"
+    )
+    download_deadline: Annotated[float, Field(gt=0, le=30 * 86400)] = Field(
+        21600.0, description="seconds a download may take, retries included"
+    )
+    min_throughput: Annotated[int, Field(ge=0, lt=2**40)] = Field(
+        65536,
+        description="bytes/s a source must sustain over --throughput-window; slower fails, and"
+        " gives its download slot to a waiting download after a second",
+    )
+    throughput_window: Seconds = Field(
+        60.0, description="seconds over which --min-throughput is averaged"
+    )
+    download_retries: Annotated[int, Field(ge=0, le=100)] = Field(
+        4, description="further tries after a transient failure (resumed with Range if possible)"
+    )
+    retry_backoff: Annotated[float, Field(gt=0, le=600)] = Field(
+        1.0, description="seconds of the first backoff; doubled each try, with jitter"
+    )
     service_user: Annotated[str, Field(min_length=1, max_length=255)] | None = Field(
         None,
         description="the only broker user whose commands are obeyed (default: the user of"
@@ -76,4 +119,17 @@ class AgentSettings(BusSettings):
             ssh_key=self.ssh_key,
             known_hosts=self.known_hosts,
             trust_on_first_use=self.trust_on_first_use,
+            policy=NetworkPolicy.of(self.allow_networks, self.deny_networks),
+        )
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(
+            max_image_size=self.max_image_size,
+            max_virtual_size=self.max_virtual_size,
+            deadline=self.download_deadline,
+            min_throughput=self.min_throughput,
+            throughput_window=self.throughput_window,
+            retries=self.download_retries,
+            backoff=self.retry_backoff,
         )

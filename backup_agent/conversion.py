@@ -14,13 +14,15 @@ import hashlib
 import os
 import posixpath
 import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
 from backup_agent.fetchers import FetchSettings, OpFailure, redact
 from backup_agent.inspection import image_info, refuse_external_data_file, run_qemu_img
-from backup_agent.transfer import MIN_CHUNK, Progress, receive
+from backup_agent.transfer import Limits, Progress, receive
 from image_service.protocol.errors import ErrorCode
 
 CONVERT_TIMEOUT = 4 * 3600.0
@@ -29,10 +31,14 @@ MAX_CHAIN = 16
 FORMATS = frozenset({"qcow2", "raw"})
 
 
+HASH_CHUNK = 16 << 20
+
+
 @dataclass(frozen=True, slots=True)
 class Hashed:
     size: int
     md5: str
+    sha256: str
 
 
 def _within(path: Path, roots: tuple[Path, ...]) -> bool:
@@ -71,13 +77,16 @@ async def _fetch_sftp_chain(
     settings: FetchSettings,
     available: int,
     progress: Progress,
+    limits: Limits,
 ) -> Path:
     """Download an sftp source and its backing files; returns the local top image."""
     workdir.mkdir(parents=True, exist_ok=True)
     top = workdir / "layer0"
     current_url, current, current_fmt = url, top, fmt
     for depth in range(MAX_CHAIN):
-        await receive(current_url, current, settings, available=available, progress=progress)
+        await receive(
+            current_url, current, settings, available=available, progress=progress, limits=limits
+        )
         if current_fmt != "qcow2":
             return top
         info = await image_info(current, "qcow2")
@@ -109,6 +118,7 @@ async def materialize(
     settings: FetchSettings,
     available: int,
     progress: Progress,
+    limits: Limits,
 ) -> Path:
     """A local path from which `qemu-img convert` can read the whole source image."""
     if fmt not in FORMATS:
@@ -119,7 +129,7 @@ async def materialize(
         await _check_local_chain(path, fmt, volume_roots)
         return path
     if parts.scheme == "sftp":
-        return await _fetch_sftp_chain(source, fmt, workdir, settings, available, progress)
+        return await _fetch_sftp_chain(source, fmt, workdir, settings, available, progress, limits)
     raise OpFailure(ErrorCode.URL_NOT_ALLOWED, f"source {redact(source)}: only file:// and sftp://")
 
 
@@ -143,18 +153,36 @@ async def flatten(source: Path, source_fmt: str, destination: Path, fmt: str) ->
         raise OpFailure(ErrorCode.TIMEOUT, "qemu-img convert did not finish in time") from None
 
 
-def _hash_file(path: Path) -> Hashed:
+def _hash_file(path: Path, stop: threading.Event) -> Hashed:
+    """md5 in this thread, sha256 in a second one, chunk by chunk while the next chunk is read;
+    `stop` ends it between two chunks (a cancelled op, the agent stopping), so even a 1 TiB
+    sparse file of zeros is left within a chunk's time, not after hours."""
     md5 = hashlib.md5(usedforsecurity=False)
+    sha256 = hashlib.sha256()
     size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * MIN_CHUNK):
+    with open(path, "rb") as f, ThreadPoolExecutor(1, "sha256") as pool:
+        chunk = f.read(HASH_CHUNK)
+        while chunk:
+            if stop.is_set():
+                raise asyncio.CancelledError
+            pending = pool.submit(sha256.update, chunk)
             md5.update(chunk)
             size += len(chunk)
-    return Hashed(size, md5.hexdigest())
+            following = f.read(HASH_CHUNK)
+            pending.result()
+            chunk = following
+    return Hashed(size, md5.hexdigest(), sha256.hexdigest())
 
 
 async def hash_file(path: Path) -> Hashed:
-    return await asyncio.to_thread(_hash_file, path)
+    stop = threading.Event()
+    work = asyncio.ensure_future(asyncio.to_thread(_hash_file, path, stop))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        stop.set()
+        await asyncio.gather(work, return_exceptions=True)  # the thread stops within a chunk
+        raise
 
 
 def remove_tree(path: Path) -> None:

@@ -1,7 +1,8 @@
 """What an image file really is, asked of `qemu-img info` with an explicit format.
 
 qemu-img never probes here (a raw file could then pose as qcow2 with a backing file on the
-host); it runs with bounded memory and time. A qcow2 that names a backing file or an external
+host); it runs with bounded memory and time (prlimit, set in the child after exec), and a
+cancelled op kills it. A qcow2 that names a backing file or an external
 data file, a 'raw' or 'iso' file that is really another format, or anything qemu-img cannot
 read as the declared format is UNSAFE_IMAGE.
 """
@@ -10,28 +11,33 @@ from __future__ import annotations
 
 import asyncio
 import json
-import resource
-from collections.abc import Callable
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from backup_agent.fetchers import OpFailure
+from backup_agent.format_inspector import HEAD_SIZE, UnsafeContent, check_head
 from image_service.protocol.errors import ErrorCode
 
 QEMU_IMG_TIMEOUT = 60.0
 QEMU_IMG_MEMORY = 1 << 30
 QEMU_IMG_CPU_SECONDS = 30
+CHECK_TIMEOUT = 1800.0
 
-# Magic numbers of formats that must not pass as raw or iso.
-FOREIGN_MAGIC = {
-    b"QFI\xfb": "qcow2",
-    b"QED\x00": "qed",
-    b"KDMV": "vmdk",
-    b"vhdxfile": "vhdx",
-    b"conectix": "vpc",
-}
-ISO_MAGIC_OFFSET = 0x8001
+# Leaked clusters waste space but read correctly; errors (2) and an unfinished check (1) do not.
+CHECK_LEAKS_ONLY = 3
+
+# Applies the limits in the child by exec'ing a tiny Python when prlimit(1) is missing: the
+# limits are set after the fork in a fresh interpreter, never by preexec_fn in this threaded one.
+_LIMITED_EXEC = (
+    "import os, resource, sys\n"
+    "memory, cpu = int(sys.argv[1]), int(sys.argv[2])\n"
+    "resource.setrlimit(resource.RLIMIT_AS, (memory, memory))\n"
+    "resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))\n"
+    "os.execvp(sys.argv[3], sys.argv[3:])\n"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,12 +46,12 @@ class ImageFacts:
     actual_size: int
 
 
-def _limits(memory: int, cpu_seconds: int) -> Callable[[], None]:
-    def apply() -> None:  # runs in the child between fork and exec
-        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
-
-    return apply
+def limited(argv: list[str], memory: int, cpu_seconds: int) -> list[str]:
+    """`argv` run under an address-space and a CPU-time limit."""
+    prlimit = shutil.which("prlimit")
+    if prlimit is not None:
+        return [prlimit, f"--as={memory}", f"--cpu={cpu_seconds}", "--", *argv]
+    return [sys.executable, "-I", "-S", "-c", _LIMITED_EXEC, str(memory), str(cpu_seconds), *argv]
 
 
 async def run_qemu_img(
@@ -54,27 +60,26 @@ async def run_qemu_img(
     memory: int = QEMU_IMG_MEMORY,
     cpu_seconds: int = QEMU_IMG_CPU_SECONDS,
     failure_code: ErrorCode = ErrorCode.UNSAFE_IMAGE,
+    ok_codes: tuple[int, ...] = (0,),
 ) -> bytes:
-    """Run `qemu-img ARGS` bounded in time and memory; its stdout, or an OpFailure."""
-    try:
-        process = await asyncio.create_subprocess_exec(
-            "qemu-img",
-            *args,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            preexec_fn=_limits(memory, cpu_seconds),
-        )
-    except FileNotFoundError:
-        raise OpFailure(
-            ErrorCode.INTERNAL_ERROR, "qemu-img is not installed on the agent"
-        ) from None
+    """Run `qemu-img ARGS` bounded in time and memory; its stdout, or an OpFailure. A
+    cancellation (an op cancelled, the agent stopping) kills it at once."""
+    qemu_img = shutil.which("qemu-img")
+    if qemu_img is None:
+        raise OpFailure(ErrorCode.INTERNAL_ERROR, "qemu-img is not installed on the agent")
+    process = await asyncio.create_subprocess_exec(
+        *limited([qemu_img, *args], memory, cpu_seconds),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     try:
         stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
     except (TimeoutError, asyncio.CancelledError):
         process.kill()
         await process.wait()
         raise
-    if process.returncode != 0:
+    if process.returncode not in ok_codes:
         message = stderr.decode(errors="replace").strip().splitlines()
         reason = message[-1] if message else f"exit {process.returncode}"
         raise OpFailure(failure_code, f"qemu-img {args[0]}: {reason}")
@@ -92,21 +97,44 @@ async def image_info(path: Path, fmt: str, *, backing_chain: bool = False) -> An
         raise OpFailure(ErrorCode.UNSAFE_IMAGE, "qemu-img did not finish in time") from None
 
 
-def sniff(path: Path, fmt: str) -> None:
+def check_content(path: Path, fmt: str, max_virtual_size: int) -> None:
+    """The head of a stored file must show the declared format (format_inspector.py)."""
     with open(path, "rb") as f:
-        head = f.read(64)
-        if fmt in ("raw", "iso"):
-            for magic, name in FOREIGN_MAGIC.items():
-                if head.startswith(magic):
-                    raise OpFailure(
-                        ErrorCode.UNSAFE_IMAGE, f"declared {fmt} but the content is {name}"
-                    )
-        if fmt == "iso":
-            f.seek(ISO_MAGIC_OFFSET)
-            if f.read(5) != b"CD001":
-                raise OpFailure(
-                    ErrorCode.UNSAFE_IMAGE, "declared iso but the content is not ISO 9660"
-                )
+        head = f.read(HEAD_SIZE)
+    try:
+        check_head(head, fmt, max_virtual_size=max_virtual_size, complete=True)
+    except UnsafeContent as exc:
+        raise OpFailure(ErrorCode.UNSAFE_IMAGE, str(exc)) from None
+
+
+async def check_qcow2(path: Path) -> None:
+    """`qemu-img check`: a truncated or corrupt qcow2 (one whose tables point past its end,
+    say) reads wrong in a VM although `qemu-img info` is content with its header."""
+    try:
+        out = await run_qemu_img(
+            "check",
+            "-f",
+            "qcow2",
+            "--output=json",
+            str(path),
+            timeout=CHECK_TIMEOUT,
+            cpu_seconds=int(CHECK_TIMEOUT),
+            ok_codes=(0, 1, 2, CHECK_LEAKS_ONLY),
+        )
+    except TimeoutError:
+        raise OpFailure(ErrorCode.UNSAFE_IMAGE, "qemu-img check did not finish in time") from None
+    try:
+        report = json.loads(out) if out.strip() else {}
+    except ValueError:
+        report = {}
+    corruptions = int(report.get("corruptions", 0) or 0)
+    errors = int(report.get("check-errors", 0) or 0)
+    if corruptions or errors or not report:
+        raise OpFailure(
+            ErrorCode.UNSAFE_IMAGE,
+            f"qemu-img check finds the qcow2 image corrupt or truncated"
+            f" ({corruptions} corruptions, {errors} check errors)",
+        )
 
 
 def refuse_external_data_file(info: dict[str, Any]) -> None:
@@ -117,8 +145,26 @@ def refuse_external_data_file(info: dict[str, Any]) -> None:
         raise OpFailure(ErrorCode.UNSAFE_IMAGE, "the qcow2 image names an external data file")
 
 
-async def inspect_image(path: Path, fmt: str) -> ImageFacts:
-    sniff(path, fmt)
+def _refuse_virtual_size(virtual_size: int, max_virtual_size: int) -> None:
+    if virtual_size > max_virtual_size:
+        raise OpFailure(
+            ErrorCode.UNSAFE_IMAGE,
+            f"virtual size {virtual_size} bytes exceeds the limit of {max_virtual_size}"
+            " (--max-virtual-size)",
+        )
+
+
+async def check_virtual_size(path: Path, fmt: str, max_virtual_size: int) -> None:
+    """A volume too big to become a template, asked before its conversion."""
+    info = await image_info(path, fmt)
+    _refuse_virtual_size(int(info["virtual-size"]), max_virtual_size)
+
+
+async def inspect_image(path: Path, fmt: str, *, max_virtual_size: int) -> ImageFacts:
+    """Everything a stored image must pass, downloaded or made from a volume: its head shows
+    the declared format, qemu-img reads it as that format (never probed), it stands alone (no
+    backing or data file), its virtual size is within the limit, and a qcow2 checks clean."""
+    await asyncio.to_thread(check_content, path, fmt, max_virtual_size)
     try:
         info = await image_info(path, "raw" if fmt == "iso" else fmt)
     except OpFailure as exc:
@@ -126,7 +172,8 @@ async def inspect_image(path: Path, fmt: str) -> ImageFacts:
     if info.get("backing-filename") or info.get("full-backing-filename"):
         raise OpFailure(ErrorCode.UNSAFE_IMAGE, "the qcow2 image names a backing file")
     refuse_external_data_file(info)
-    return ImageFacts(
-        virtual_size=int(info["virtual-size"]),
-        actual_size=path.stat().st_blocks * 512,
-    )
+    virtual_size = int(info["virtual-size"])
+    _refuse_virtual_size(virtual_size, max_virtual_size)
+    if fmt == "qcow2":
+        await check_qcow2(path)
+    return ImageFacts(virtual_size=virtual_size, actual_size=path.stat().st_blocks * 512)

@@ -1,9 +1,10 @@
 """Streaming an image from its source to disk, hashing it on the way.
 
 Pieces are gathered into chunks of 4 MiB (as a list: never joined, never copied); each chunk
-is hashed in one worker thread and written with writev in another at the same time (hashlib and
-file writes release the GIL) while the event loop reads the next one, so memory stays at a few
-chunks whatever the image size. Written data is flushed to disk every 256 MiB, so the final
+is hashed with md5 in one worker thread, with sha256 in a second and written with writev in a
+third at the same time (hashlib and file writes release the GIL) while the event loop reads the
+next one, so memory stays at a few chunks whatever the image size, and a second digest costs no
+time on two cores. Written data is flushed to disk every 256 MiB, so the final
 fsync does not wait for a whole image's worth of dirty pages (measured in
 tests/benchmarks/bench_add_image.py).
 """
@@ -14,21 +15,36 @@ import asyncio
 import contextlib
 import errno
 import hashlib
+import logging
 import os
+import random
 import threading
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from backup_agent.fetchers import FetchSettings, OpFailure, opener_for, redact
+from backup_agent.fetchers import (
+    FetchSettings,
+    OpFailure,
+    Resume,
+    Transient,
+    Validator,
+    opener_for,
+    redact,
+)
+from backup_agent.format_inspector import HeadCollector, UnsafeContent, check_head
+from backup_agent.slots import Ticket
 from image_service.protocol.errors import ErrorCode
 
 MIN_CHUNK = 4 << 20
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 SYNC_EVERY = 256 << 20
 PROGRESS_EVERY = 1.0
+
+log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int | None], Awaitable[None]]
 
@@ -37,12 +53,56 @@ Progress = Callable[[int, int | None], Awaitable[None]]
 class Received:
     size: int
     md5: str
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one download may cost (contract section 9)."""
+
+    max_image_size: int = 2 << 40
+    max_virtual_size: int = 16 << 40
+    deadline: float = 21600.0
+    min_throughput: int = 65536
+    throughput_window: float = 60.0
+    retries: int = 4
+    backoff: float = 1.0
+
+
+class Meter:
+    """Judges a source's throughput over the last `window` seconds: slower than `minimum`
+    bytes a second over a whole window fails the download."""
+
+    def __init__(self, minimum: int, window: float) -> None:
+        self.minimum = minimum
+        self.window = window
+        self.started = time.monotonic()
+        self._samples: deque[tuple[float, int]] = deque([(self.started, 0)])
+        self.moved = 0
+
+    def add(self, count: int) -> None:
+        self.moved += count
+        now = time.monotonic()
+        samples = self._samples
+        samples.append((now, self.moved))
+        # Keep one sample at or before the window's start, and none older.
+        while len(samples) > 2 and samples[1][0] <= now - self.window:
+            samples.popleft()
+        if now - self.started >= self.window and samples[0][0] <= now - self.window:
+            rate = (self.moved - samples[0][1]) / (now - samples[0][0])
+            if rate < self.minimum:
+                raise OpFailure(
+                    ErrorCode.DOWNLOAD_FAILED,
+                    f"the source sent {rate:.0f} bytes/s over the last {self.window:g}s;"
+                    f" the minimum is {self.minimum} (--min-throughput)",
+                )
 
 
 class HashingWriter:
     def __init__(self, path: Path) -> None:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         self._md5 = hashlib.md5(usedforsecurity=False)
+        self._sha256 = hashlib.sha256()
         # Pieces as received, not joined: a join would copy every byte once more.
         self._pieces: list[bytes] = []
         self._gathered = 0
@@ -54,9 +114,13 @@ class HashingWriter:
         self._unsynced = 0
         self.size = 0
 
-    def _hash(self, pieces: list[bytes]) -> None:
+    def _hash_md5(self, pieces: list[bytes]) -> None:
         for piece in pieces:
             self._md5.update(piece)
+
+    def _hash_sha256(self, pieces: list[bytes]) -> None:
+        for piece in pieces:
+            self._sha256.update(piece)
 
     def _write(self, pieces: list[bytes], length: int) -> None:
         with self._fd_lock:
@@ -102,19 +166,35 @@ class HashingWriter:
         self._pieces, self._gathered = [], 0
         await self._wait()
         loop = asyncio.get_running_loop()
-        # The hash and the write of one chunk run side by side; the next chunk waits for both,
-        # which keeps both the md5 updates and the writes in order.
+        # The hashes and the write of one chunk run side by side; the next chunk waits for all
+        # three, which keeps the digest updates and the writes in order.
         self._pending = asyncio.gather(
-            loop.run_in_executor(None, self._hash, pieces),
+            loop.run_in_executor(None, self._hash_md5, pieces),
+            loop.run_in_executor(None, self._hash_sha256, pieces),
             loop.run_in_executor(None, self._write, pieces, length),
         )
+
+    async def restart(self) -> None:
+        """Back to byte 0: the source sends the whole image again."""
+        self._pieces, self._gathered = [], 0
+        await self._wait()
+        await asyncio.to_thread(self._truncate)
+        self._md5 = hashlib.md5(usedforsecurity=False)
+        self._sha256 = hashlib.sha256()
+        self.size = 0
+
+    def _truncate(self) -> None:
+        with self._fd_lock:
+            os.ftruncate(self._fd, 0)
+            os.lseek(self._fd, 0, os.SEEK_SET)
+            self._unsynced = 0
 
     async def finish(self) -> Received:
         if self._pieces:
             await self._hand_off()
         await self._wait()
         await asyncio.to_thread(self._sync_close)
-        return Received(self.size, self._md5.hexdigest())
+        return Received(self.size, self._md5.hexdigest(), self._sha256.hexdigest())
 
     def _sync_close(self) -> None:
         with self._fd_lock:
@@ -147,6 +227,12 @@ def _consume_outcome(future: asyncio.Future[Any]) -> None:
         future.exception()
 
 
+def _backoff(attempt: int, base: float) -> float:
+    """Exponential, capped at 30 s, with full jitter so that many agents cut off by one
+    outage do not come back in step."""
+    return random.uniform(0, min(30.0, base * 2 ** (attempt - 1)))
+
+
 async def receive(
     url: str,
     destination: Path,
@@ -154,44 +240,113 @@ async def receive(
     *,
     available: int,
     progress: Progress,
+    limits: Limits = Limits(),
+    declared_format: str | None = None,
+    ticket: Ticket | None = None,
 ) -> Received:
-    """Download `url` into `destination`; on any failure the partial file is removed."""
+    """Download `url` into `destination`; on any failure the partial file is removed.
+
+    A transient failure is retried `limits.retries` times with backoff, resuming where the
+    source allows it; the whole download, retries included, ends by `limits.deadline`. With
+    `declared_format`, the head of the stream must show that format (format_inspector) before
+    any more is stored."""
     opener = opener_for(url)
     writer = HashingWriter(destination)
-    try:
-        async with opener(url, settings) as source:
-            if source.total is not None and source.total > available:
-                raise OpFailure(
-                    ErrorCode.CAPACITY_EXCEEDED,
-                    f"the image has {source.total} bytes; {available} are available",
-                )
-            await progress(0, source.total)
+    head = HeadCollector()
+    meter = Meter(limits.min_throughput, limits.throughput_window)
+    limit = min(available, limits.max_image_size)
+
+    def too_big(size: int) -> OpFailure:
+        if size > limits.max_image_size:
+            return OpFailure(
+                ErrorCode.CAPACITY_EXCEEDED,
+                f"the image has more than {limits.max_image_size} bytes (--max-image-size)",
+            )
+        return OpFailure(
+            ErrorCode.CAPACITY_EXCEEDED, f"the image has {size} bytes; {available} are available"
+        )
+
+    def inspect(complete: bool) -> None:
+        if declared_format is None:
+            return
+        try:
+            check_head(
+                head.head,
+                declared_format,
+                max_virtual_size=limits.max_virtual_size,
+                complete=complete,
+            )
+        except UnsafeContent as exc:
+            raise OpFailure(ErrorCode.UNSAFE_IMAGE, str(exc)) from None
+
+    # What the source said it can resume, as of its last answer.
+    known: Validator | None = None
+
+    async def transfer(resume: Resume | None) -> None:
+        nonlocal known
+        async with opener(url, settings, resume) as source:
+            known = source.validator
+            if source.start == 0 and writer.size:
+                await writer.restart()  # the source sends the whole image again
+                head.reset()
+            elif source.start != writer.size:
+                raise OpFailure(ErrorCode.INTERNAL_ERROR, "resumed at the wrong offset")
+            if source.total is not None and source.total > limit:
+                raise too_big(source.total)
+            await progress(writer.size, source.total)
             last_report = time.monotonic()
             async for data in source.chunks:
+                if not head.full and head.feed(data):
+                    inspect(complete=False)  # a bad header stops the download at once
                 await writer.write(data)
-                if writer.size > available:
-                    raise OpFailure(
-                        ErrorCode.CAPACITY_EXCEEDED, f"more than the {available} bytes available"
-                    )
+                if writer.size > limit:
+                    raise too_big(writer.size)
+                meter.add(len(data))
+                if ticket is not None:
+                    ticket.add(len(data))
                 now = time.monotonic()
                 if now - last_report >= PROGRESS_EVERY:
                     last_report = now
                     await progress(writer.size, source.total)
             if source.total is not None and writer.size != source.total:
-                raise OpFailure(
-                    ErrorCode.DOWNLOAD_FAILED,
-                    f"{redact(url)}: got {writer.size} of {source.total} bytes",
-                )
-        received = await writer.finish()
-        await progress(received.size, source.total)
-        return received
+                raise Transient(f"{redact(url)}: got {writer.size} of {source.total} bytes")
+            await progress(writer.size, source.total)
+
+    try:
+        async with asyncio.timeout(limits.deadline):
+            resume: Resume | None = None
+            attempt = 0
+            while True:
+                try:
+                    await transfer(resume)
+                    break
+                except Transient as exc:
+                    attempt += 1
+                    if attempt > limits.retries:
+                        raise OpFailure(exc.code, f"{exc.details} ({attempt} attempts)") from None
+                    log.info("download of %s: %s; retrying", redact(url), exc.details)
+                    resume = Resume(writer.size, known) if known and writer.size else None
+                    await asyncio.sleep(_backoff(attempt, limits.backoff))
+        inspect(complete=True)
+        return await writer.finish()
+    except TimeoutError:
+        await _discard(writer, destination)
+        raise OpFailure(
+            ErrorCode.DOWNLOAD_FAILED,
+            f"{redact(url)}: not finished within {limits.deadline:g}s (--download-deadline)",
+        ) from None
     except OSError as exc:
-        await writer.abort()
-        destination.unlink(missing_ok=True)
+        await _discard(writer, destination)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OpFailure(ErrorCode.CAPACITY_EXCEEDED, f"disk full: {exc.strerror}") from None
-        raise OpFailure(ErrorCode.DOWNLOAD_FAILED, f"{type(exc).__name__}: {exc}") from None
+        raise OpFailure(
+            ErrorCode.DOWNLOAD_FAILED, f"storing the image failed: {exc.strerror}"
+        ) from None
     except BaseException:
-        await writer.abort()
-        destination.unlink(missing_ok=True)
+        await _discard(writer, destination)
         raise
+
+
+async def _discard(writer: HashingWriter, destination: Path) -> None:
+    await writer.abort()
+    destination.unlink(missing_ok=True)

@@ -17,8 +17,9 @@ from pathlib import Path
 from backup_agent.config import AgentSettings
 from backup_agent.conversion import flatten, hash_file, materialize, remove_tree
 from backup_agent.fetchers import OpFailure
-from backup_agent.inspection import inspect_image
+from backup_agent.inspection import ImageFacts, check_virtual_size, inspect_image
 from backup_agent.layout import Layout, PathRejected, fsync_dir
+from backup_agent.slots import Slots
 from backup_agent.transfer import Progress, receive
 from image_service.protocol.agent import (
     AgentCommand,
@@ -58,7 +59,8 @@ class Work:
         self._report_progress = report_progress
         self._placing = placing
         self._was_placing = was_placing
-        self._downloads = asyncio.Semaphore(settings.max_downloads)
+        self.limits = settings.limits
+        self.slots = Slots(settings.max_downloads, settings.min_throughput)
 
     async def run(self, command: AgentCommand) -> AgentResult:
         if isinstance(command, DownloadCommand):
@@ -86,9 +88,13 @@ class Work:
         final: Path,
         size: int,
         md5: str,
+        sha256: str,
+        facts: ImageFacts | None = None,
     ) -> AgentResult:
-        """Inspect a finished partial file and move it into place; the op's result."""
-        facts = await inspect_image(partial, command.format)
+        """Inspect a finished partial file (unless `facts` says it was) and move it into place;
+        the op's result."""
+        if facts is None:
+            facts = await self._inspect(partial, command.format)
         # A stored file is never replaced (only a delete of its image removes it), except by
         # the op that was moving it into place when the agent stopped, resumed now.
         if final.exists() and not self._was_placing(command.opId, final):
@@ -108,12 +114,16 @@ class Work:
             virtualSize=facts.virtual_size,
             md5Sum=md5,
             format=command.format,
+            sha256Sum=sha256,
         )
         return AgentResult.stored_as(command, self.uuid, stored)
 
+    async def _inspect(self, path: Path, fmt: str) -> ImageFacts:
+        return await inspect_image(path, fmt, max_virtual_size=self.limits.max_virtual_size)
+
     async def _download(self, command: DownloadCommand) -> AgentResult:
         final = self._target(command)
-        async with self._downloads:
+        async with self.slots.download() as ticket:
             capacity = await asyncio.to_thread(self.layout.capacity, self.settings.capacity)
             partial = self.layout.partial_path(command.opId)
             received = await receive(
@@ -122,21 +132,29 @@ class Work:
                 self.settings.fetch,
                 available=capacity.available,
                 progress=self._reporter(command),
+                limits=self.limits,
+                declared_format=command.format,
+                ticket=ticket,
             )
             try:
-                expected = command.md5Sum
-                if expected and expected != received.md5:
-                    raise OpFailure(
-                        ErrorCode.CHECKSUM_MISMATCH, f"expected md5 {expected}, got {received.md5}"
-                    )
-                return await self._store(command, partial, final, received.size, received.md5)
+                for name, expected, got in (
+                    ("md5", command.md5Sum, received.md5),
+                    ("sha256", command.sha256Sum, received.sha256),
+                ):
+                    if expected and expected != got:
+                        raise OpFailure(
+                            ErrorCode.CHECKSUM_MISMATCH, f"expected {name} {expected}, got {got}"
+                        )
+                return await self._store(
+                    command, partial, final, received.size, received.md5, received.sha256
+                )
             except BaseException:
                 partial.unlink(missing_ok=True)
                 raise
 
     async def _create(self, command: CreateCommand) -> AgentResult:
         final = self._target(command)
-        async with self._downloads:
+        async with self.slots.exclusive():
             capacity = await asyncio.to_thread(self.layout.capacity, self.settings.capacity)
             partial = self.layout.partial_path(command.opId)
             workdir = partial.with_name(f"{partial.name}.chain")
@@ -149,15 +167,24 @@ class Work:
                     settings=self.settings.fetch,
                     available=capacity.available,
                     progress=self._reporter(command),
+                    limits=self.limits,
                 )
+                # Refused before a conversion of its whole virtual disk is paid for.
+                await check_virtual_size(source, command.sourceFormat, self.limits.max_virtual_size)
                 await flatten(source, command.sourceFormat, partial, command.format)
-                hashed = await hash_file(partial)
-                if hashed.size > capacity.available:
+                size = partial.stat().st_size
+                if size > min(capacity.available, self.limits.max_image_size):
                     raise OpFailure(
                         ErrorCode.CAPACITY_EXCEEDED,
-                        f"the template has {hashed.size} bytes; {capacity.available} are available",
+                        f"the template has {size} bytes; {capacity.available} are available"
+                        f" and --max-image-size is {self.limits.max_image_size}",
                     )
-                return await self._store(command, partial, final, hashed.size, hashed.md5)
+                # Inspected before hashing: a refused template costs no pass over its bytes.
+                facts = await self._inspect(partial, command.format)
+                hashed = await hash_file(partial)
+                return await self._store(
+                    command, partial, final, hashed.size, hashed.md5, hashed.sha256, facts
+                )
             except BaseException:
                 partial.unlink(missing_ok=True)
                 raise

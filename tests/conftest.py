@@ -275,6 +275,12 @@ class Stack:
                 "3",
                 "--connect-timeout",
                 "3",
+                # The test HTTP and SFTP servers listen on 127.0.0.1, which agents refuse by
+                # default (contract section 9); short backoffs keep retried failures quick.
+                "--allow-networks",
+                "127.0.0.1/32",
+                "--retry-backoff",
+                "0.05",
                 *extra,
             ],
             self.workdir / f"agent-{name}.log",

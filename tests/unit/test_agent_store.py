@@ -42,7 +42,7 @@ async def store(agent: Agent, cmd: DownloadCommand, data: bytes) -> Path:
     partial.write_bytes(data)
     final = agent.layout.resolve_install_path(cmd.installPath, cmd.imageUuid)
     agent.journal.begin(cmd.opId, cmd.model_dump(mode="json"))
-    await agent.work._store(cmd, partial, final, len(data), "0" * 32)
+    await agent.work._store(cmd, partial, final, len(data), "0" * 32, "0" * 64)
     return final
 
 
@@ -65,5 +65,5 @@ def test_an_op_resumed_after_a_crash_in_its_move_may_finish_it(agent: Agent) -> 
     agent.journal.placing(cmd.opId, cmd.model_dump(mode="json"), str(final))  # as at the crash
     partial = agent.layout.partial_path(cmd.opId)
     partial.write_bytes(b"image" * 1000)
-    result = asyncio.run(agent.work._store(cmd, partial, final, 5000, "0" * 32))
+    result = asyncio.run(agent.work._store(cmd, partial, final, 5000, "0" * 32, "0" * 64))
     assert result.success and final.read_bytes() == b"image" * 1000
