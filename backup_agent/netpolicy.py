@@ -64,12 +64,8 @@ def default_denial(address: IPAddress) -> str | None:
         isinstance(address, ipaddress.IPv4Address) and address in _THIS_NETWORK
     ):
         return "unspecified"
-    if address.is_reserved:
+    if address.is_reserved:  # 240.0.0.0/4 (broadcast included), ::/8 ...
         return "reserved"
-    if isinstance(address, ipaddress.IPv4Address) and address == ipaddress.IPv4Address(
-        "255.255.255.255"
-    ):
-        return "broadcast"
     return None
 
 

@@ -1,0 +1,294 @@
+"""The agent's download policy, rule by rule (contract section 9): which addresses it may
+connect to, the slots a slow source gives up, the throughput meter, the limits qemu-img runs
+under, and the error details it lets out.
+
+Ranges that must never be contacted from a test (link-local, private, public) are tested here,
+on the policy function only; live tests use loopback addresses the policy under test denies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from backup_agent import slots as slots_module
+from backup_agent import transfer as transfer_module
+from backup_agent.agent import public_details
+from backup_agent.fetchers import OpFailure, redact
+from backup_agent.inspection import limited
+from backup_agent.netpolicy import NetworkPolicy, parse_networks
+from backup_agent.slots import Slots
+from backup_agent.transfer import Meter
+from image_service.protocol.errors import ErrorCode
+
+DEFAULT = NetworkPolicy()
+
+
+@pytest.mark.parametrize(
+    ("address", "reason"),
+    [
+        ("127.0.0.1", "loopback"),
+        ("127.255.255.254", "loopback"),
+        ("::1", "loopback"),
+        ("::ffff:127.0.0.1", "loopback"),
+        ("169.254.169.254", "link-local"),
+        ("fe80::1", "link-local"),
+        ("fe80::1%eth0", "link-local"),
+        ("::ffff:169.254.169.254", "link-local"),
+        ("224.0.0.1", "multicast"),
+        ("ff02::1", "multicast"),
+        ("0.0.0.0", "unspecified"),
+        ("0.1.2.3", "unspecified"),
+        ("::", "unspecified"),
+        ("240.0.0.1", "reserved"),
+        ("255.255.255.255", "reserved"),
+        ("::7f00:1", "reserved"),
+    ],
+)
+def test_default_denials(address: str, reason: str) -> None:
+    refusal = DEFAULT.refusal(address)
+    assert refusal is not None and reason in refusal
+    assert address.split("%")[0] in refusal or "127.0.0.1" in refusal or "169.254" in refusal
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "10.0.0.1",
+        "172.16.5.4",
+        "192.168.1.1",
+        "fd00::1",
+        "100.64.0.1",
+        "93.184.216.34",
+        "2001:db8::1",
+    ],
+)
+def test_private_and_public_addresses_are_allowed_by_default(address: str) -> None:
+    assert DEFAULT.refusal(address) is None
+
+
+def test_an_allowed_network_overrides_a_default_denial_only_where_it_reaches() -> None:
+    policy = NetworkPolicy.of(allow="127.0.0.1/32")
+    assert policy.refusal("127.0.0.1") is None
+    assert policy.refusal("::ffff:127.0.0.1") is None  # the same address, spelled as IPv6
+    assert "loopback" in (policy.refusal("127.0.0.2") or "")
+    assert "loopback" in (policy.refusal("::1") or "")
+    assert "link-local" in (policy.refusal("169.254.169.254") or "")
+
+
+def test_the_longest_prefix_decides_and_a_denial_wins_a_tie() -> None:
+    allow_list = NetworkPolicy.of(allow="10.1.0.0/16", deny="0.0.0.0/0,::/0")
+    assert allow_list.refusal("10.1.2.3") is None
+    assert "0.0.0.0/0" in (allow_list.refusal("10.2.0.1") or "")
+    assert "::/0" in (allow_list.refusal("2001:db8::1") or "")
+    carve_out = NetworkPolicy.of(allow="10.0.0.0/8", deny="10.9.0.0/16")
+    assert carve_out.refusal("10.8.0.1") is None
+    assert "10.9.0.0/16" in (carve_out.refusal("10.9.0.1") or "")
+    tie = NetworkPolicy.of(allow="192.168.0.0/16", deny="192.168.0.0/16")
+    assert tie.refusal("192.168.1.1") is not None
+    everything = NetworkPolicy.of(allow="0.0.0.0/0")
+    assert everything.refusal("127.0.0.1") is None  # the operator said so
+
+
+def test_denied_private_ranges() -> None:
+    policy = NetworkPolicy.of(deny="10.0.0.0/8,fd00::/8")
+    assert "10.0.0.0/8" in (policy.refusal("10.3.4.5") or "")
+    assert "fd00::/8" in (policy.refusal("fd12::1") or "")
+    assert policy.refusal("192.168.0.1") is None
+
+
+def test_anything_but_an_address_is_refused() -> None:
+    assert DEFAULT.refusal("localhost") is not None
+    assert DEFAULT.refusal("") is not None
+
+
+@pytest.mark.parametrize("text", ["10.0.0.0/33", "nonsense", "10.0.0.0/8,,300.1.1.1"])
+def test_bad_networks_are_named(text: str) -> None:
+    with pytest.raises(ValueError, match="not an IP network"):
+        parse_networks(text)
+
+
+def test_networks_parse_with_spaces_and_bare_addresses() -> None:
+    assert [str(n) for n in parse_networks(" 10.0.0.0/8 , 127.0.0.1,::1 ")] == [
+        "10.0.0.0/8",
+        "127.0.0.1/32",
+        "::1/128",
+    ]
+
+
+def test_redact_drops_user_info_and_query() -> None:
+    assert redact("https://u:secret@h.example:8443/a/b?token=x#f") == "https://h.example:8443/a/b"
+    assert redact("http://[::1]:80/x") == "http://[::1]:80/x"
+
+
+# --- slots ---------------------------------------------------------------------------------
+
+
+async def test_a_slow_holder_gives_its_slot_to_a_waiter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(slots_module, "YIELD_AFTER", 0.2)
+    monkeypatch.setattr(slots_module, "TICK", 0.05)
+    slots = Slots(1, min_throughput=1000)
+    release_slow = asyncio.Event()
+    order: list[str] = []
+
+    async def slow() -> None:
+        async with slots.download() as ticket:
+            order.append("slow in")
+            await release_slow.wait()  # moves nothing meanwhile
+            assert not ticket.holding
+        order.append("slow out")
+
+    async def healthy() -> None:
+        async with slots.download() as ticket:
+            assert ticket.holding
+            order.append("healthy in")
+
+    first = asyncio.create_task(slow())
+    await asyncio.sleep(0.01)
+    await asyncio.wait_for(healthy(), 2)
+    release_slow.set()
+    await first
+    assert order == ["slow in", "healthy in", "slow out"]
+    assert slots.holders == 0 and slots.waiting == 0
+
+
+async def test_a_fast_holder_and_a_creation_keep_their_slots(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(slots_module, "YIELD_AFTER", 0.1)
+    monkeypatch.setattr(slots_module, "TICK", 0.02)
+    slots = Slots(2, min_throughput=1000)
+    stop = asyncio.Event()
+
+    async def fast() -> None:
+        async with slots.download() as ticket:
+            while not stop.is_set():
+                ticket.add(1000)
+                await asyncio.sleep(0.01)
+            assert ticket.holding
+
+    async def creation() -> None:
+        async with slots.exclusive() as ticket:
+            await stop.wait()
+            assert ticket.holding
+
+    holders = [asyncio.create_task(fast()), asyncio.create_task(creation())]
+    await asyncio.sleep(0.05)
+    waiter = asyncio.create_task(_enter(slots))
+    await asyncio.sleep(0.5)
+    assert not waiter.done()  # nobody was slow: it still waits
+    stop.set()
+    await asyncio.gather(*holders)
+    await asyncio.wait_for(waiter, 1)
+
+
+async def _enter(slots: Slots) -> None:
+    async with slots.download():
+        pass
+
+
+async def test_a_cancelled_waiter_leaves_no_trace() -> None:
+    slots = Slots(1, min_throughput=0)
+    async with slots.exclusive():
+        waiter = asyncio.create_task(_enter(slots))
+        await asyncio.sleep(0.01)
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+        assert slots.waiting == 0
+    await asyncio.wait_for(_enter(slots), 1)
+    assert slots.holders == 0
+
+
+async def test_outside_the_slots_is_bounded_too() -> None:
+    slots = Slots(1, min_throughput=0, overflow=2)
+    gate = asyncio.Event()
+
+    async def hold() -> None:
+        async with slots.download():
+            await gate.wait()
+
+    tasks = [asyncio.create_task(hold()) for _ in range(3)]
+    await asyncio.sleep(0.05)
+    assert slots.holders + slots.waiting == 2  # the third waits for a lane, not a slot
+    gate.set()
+    await asyncio.gather(*tasks)
+
+
+# --- the throughput meter ------------------------------------------------------------------
+
+
+def test_the_meter_fails_a_source_slower_than_the_minimum_over_a_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [1000.0]
+    monkeypatch.setattr(transfer_module.time, "monotonic", lambda: now[0])
+    meter = Meter(minimum=100, window=10)
+    for _ in range(9):
+        now[0] += 1
+        meter.add(1)  # slow, but the first window is not over
+    now[0] += 1
+    with pytest.raises(OpFailure) as excinfo:
+        meter.add(1)
+    assert excinfo.value.code is ErrorCode.DOWNLOAD_FAILED
+    assert "--min-throughput" in excinfo.value.details
+
+
+def test_the_meter_keeps_a_source_that_is_fast_enough(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [0.0]
+    monkeypatch.setattr(transfer_module.time, "monotonic", lambda: now[0])
+    meter = Meter(minimum=100, window=10)
+    for _ in range(100):
+        now[0] += 0.5
+        meter.add(60)  # 120 bytes/s
+    assert meter.moved == 6000
+
+
+# --- qemu-img's limits and the details the agent lets out -----------------------------------
+
+
+@pytest.mark.parametrize("use_prlimit", [True, False])
+def test_limits_are_applied_in_the_child(
+    use_prlimit: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not use_prlimit:
+        monkeypatch.setattr("backup_agent.inspection.shutil.which", lambda _name: None)
+    argv = limited(["sh", "-c", "ulimit -v; ulimit -t"], 1 << 30, 7)
+    assert (argv[0].endswith("prlimit")) is use_prlimit
+    out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str((1 << 30) // 1024), "7"]
+
+
+def test_details_never_show_private_paths_or_control_characters(tmp_path: Path) -> None:
+    private = tmp_path / "root" / ".agent"
+    details = (
+        f"qemu-img info: Could not open '{private}/partial/1234': bad\x1b[31m\x00"
+        f" and {tmp_path}/root/templates/x/y.template"
+    )
+    text = public_details(details, private)
+    assert str(private) not in text and ".agent" not in text
+    assert "\x1b" not in text and "\x00" not in text
+    assert f"{tmp_path}/root/templates/x/y.template" in text  # install paths are public
+    assert len(public_details("x" * 100_000, private)) <= 2048
+
+
+def test_hashing_stops_within_a_chunk_when_cancelled(tmp_path: Path) -> None:
+    from backup_agent.conversion import hash_file
+
+    path = tmp_path / "sparse"
+    with open(path, "wb") as f:
+        f.truncate(64 << 30)  # 64 GiB of holes: minutes to hash
+
+    async def run() -> float:
+        task = asyncio.create_task(hash_file(path))
+        await asyncio.sleep(0.3)
+        started = time.monotonic()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return time.monotonic() - started
+
+    assert asyncio.run(run()) < 5
