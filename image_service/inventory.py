@@ -44,6 +44,7 @@ def image_inventory(row: Row) -> dict[str, Any]:
         "system": row["system"],
         "format": row["format"],
         "md5Sum": row["md5_sum"],
+        "sha256Sum": row["sha256_sum"],
         "type": row["type"],
         "backupStorageRefs": list(row["refs"]),
         "createDate": row["created_iso"],

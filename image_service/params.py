@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from image_service.protocol.agent import check_hex32
+from image_service.protocol.agent import check_hex32, check_hex64
 
 # Characters that would let a name escape the directory it is stored in, or confuse a shell.
 NAME_FORBIDDEN_RE = re.compile(r"[/\\\x00-\x1f\x7f]")
@@ -33,6 +33,13 @@ def _check_md5(value: str) -> str:
         raise ValueError("must be 32 hex characters") from None
 
 
+def _check_sha256(value: str) -> str:
+    try:
+        return check_hex64(value.lower())
+    except ValueError:
+        raise ValueError("must be 64 hex characters") from None
+
+
 def _check_url(value: str) -> str:
     if not re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://[^\s/]+", value):
         raise ValueError("must be a url: scheme://host/path")
@@ -46,6 +53,7 @@ Name = Annotated[str, Field(min_length=1, max_length=255), AfterValidator(_check
 Description = Annotated[str, Field(max_length=2048)]
 GuestOsType = Annotated[str, Field(max_length=255)]
 Md5 = Annotated[str, Field(min_length=32, max_length=32), AfterValidator(_check_md5)]
+Sha256 = Annotated[str, Field(min_length=64, max_length=64), AfterValidator(_check_sha256)]
 ImageUrl = Annotated[str, Field(min_length=8, max_length=2048), AfterValidator(_check_url)]
 UuidList = Annotated[list[Uuid], Field(min_length=1, max_length=100)]
 
@@ -96,6 +104,7 @@ class AddImage(Params):
     resourceUuid: Uuid | None = None
     type: Literal["zstack"] = "zstack"
     md5Sum: Md5 | None = None
+    sha256Sum: Sha256 | None = None
 
     @model_validator(mode="after")
     def _media_and_format(self) -> AddImage:

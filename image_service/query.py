@@ -167,6 +167,7 @@ IMAGE = Entity(
         "system": _c("system", Kind.BOOL),
         "format": _choice("format", ImageFormat),
         "md5Sum": _c("md5_sum", Kind.TEXT),
+        "sha256Sum": _c("sha256_sum", Kind.TEXT),
         "type": _c("type", Kind.TEXT),
         "createDate": _c("create_date", Kind.DATE),
         "lastOpDate": _c("last_op_date", Kind.DATE),

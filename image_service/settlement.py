@@ -54,6 +54,9 @@ async def _finalize_creation(ctx: Ctx, inbox: InboxRow) -> dict[str, Any]:
     refs = await ctx.tx.images.refs(image_uuid)
     if any(ref.status is RefStatus.Ready for ref in refs):
         if image.status is not ImageStatus.Ready:
+            # The first stored file describes the image, md5 and sha256 alike; the other
+            # backup storages' results are not compared with it. An agent from before
+            # contract section 9 reports no sha256Sum: the image then has none (NULL).
             first = (await ctx.tx.ops.successes_for_message(inbox.message_id))[0].result
             await ctx.tx.images.mark_ready(
                 uuid=image_uuid,
@@ -61,6 +64,7 @@ async def _finalize_creation(ctx: Ctx, inbox: InboxRow) -> dict[str, Any]:
                 actual_size=first["actualSize"],
                 virtual_size=first["virtualSize"],
                 md5_sum=first["md5Sum"],
+                sha256_sum=first.get("sha256Sum"),
             )
         inventory = await image_inventory_of(ctx.tx, image_uuid)
         if image.status is not ImageStatus.Ready:

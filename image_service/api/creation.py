@@ -60,6 +60,7 @@ class Source:
     op_kind: OpKind
     url: str | None = None  # download
     md5_sum: str | None = None
+    sha256_sum: str | None = None
     source: str | None = None  # create: the volume or snapshot's path
     source_format: str | None = None
 
@@ -112,7 +113,12 @@ def _command(
     }
     if source.op_kind is OpKind.download:
         return DownloadCommand.model_validate(
-            {**common, "url": source.url, "md5Sum": source.md5_sum}
+            {
+                **common,
+                "url": source.url,
+                "md5Sum": source.md5_sum,
+                "sha256Sum": source.sha256_sum,
+            }
         )
     return CreateCommand.model_validate(
         {**common, "source": source.source, "sourceFormat": source.source_format}
@@ -187,6 +193,7 @@ async def add_image(ctx: Ctx, p: params.AddImage) -> Outcome:
         system=p.system,
         format=p.effective_format.value,
         expected_md5=p.md5Sum,
+        expected_sha256=p.sha256Sum,
     )
-    source = Source(OpKind.download, url=p.url, md5_sum=p.md5Sum)
+    source = Source(OpKind.download, url=p.url, md5_sum=p.md5Sum, sha256_sum=p.sha256Sum)
     return await create_image(ctx, image, source, p.backupStorageUuids)

@@ -64,6 +64,7 @@ async def _create_template(
         system=root.system if root else False,
         format=fmt,
         expected_md5=None,
+        expected_sha256=None,
     )
     source = Source(OpKind.create, source=path, source_format=fmt)
     return await create_image(ctx, image, source, p.backupStorageUuids)

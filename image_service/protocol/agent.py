@@ -19,14 +19,14 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 def check_hex32(value: str) -> str:
     """A resource uuid or an md5: 32 lowercase hex characters (the API parameters use it too)."""
-    if not _HEX32.match(value):
+    if not _HEX32.fullmatch(value):
         raise ValueError("must be 32 lowercase hex characters")
     return value
 
 
 def check_hex64(value: str) -> str:
     """A SHA-256: 64 lowercase hex characters."""
-    if not _HEX64.match(value):
+    if not _HEX64.fullmatch(value):
         raise ValueError("must be 64 lowercase hex characters")
     return value
 

@@ -2,9 +2,9 @@
 
 -- name: image_insert
 INSERT INTO image (uuid, name, description, status, url, media_type, guest_os_type, platform,
-                   system, format, expected_md5, type)
+                   system, format, expected_md5, expected_sha256, type)
 VALUES (:uuid, :name, :description, :status, :url, :media_type, :guest_os_type, :platform,
-        :system, :format, :expected_md5, :type)
+        :system, :format, :expected_md5, :expected_sha256, :type)
 ON CONFLICT (uuid) DO NOTHING
 RETURNING uuid;
 
@@ -24,9 +24,10 @@ ORDER BY uuid
 FOR UPDATE;
 
 -- name: image_mark_ready
+-- `sha256_sum` is NULL when the agent that stored the file reports md5 only.
 UPDATE image
 SET status = :ready, size = :size, actual_size = :actual_size, virtual_size = :virtual_size,
-    md5_sum = :md5_sum, last_op_date = now()
+    md5_sum = :md5_sum, sha256_sum = :sha256_sum, last_op_date = now()
 WHERE uuid = :uuid AND status = ANY(:allowed::image_status[])
 RETURNING uuid;
 
@@ -56,7 +57,7 @@ DELETE FROM image WHERE uuid = :uuid RETURNING uuid;
 -- in the profile of queries returning many inventories.
 SELECT i.uuid, i.name, i.description, i.state, i.status, i.size, i.actual_size,
        i.virtual_size, i.url, i.media_type, i.guest_os_type, i.platform, i.system, i.format,
-       i.md5_sum, i.type,
+       i.md5_sum, i.sha256_sum, i.type,
        to_char(i.create_date AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS created_iso,
        to_char(i.last_op_date AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS last_op_iso,
        COALESCE((

@@ -30,6 +30,7 @@ class NewImageRow:
     system: bool
     format: str
     expected_md5: str | None
+    expected_sha256: str | None
     type: str = "zstack"
 
 
@@ -64,6 +65,7 @@ class Images(QueryGroup, sql_file="images.sql"):
             system=image.system,
             format=image.format,
             expected_md5=image.expected_md5,
+            expected_sha256=image.expected_sha256,
             type=image.type,
         )
         return row is not None
@@ -80,8 +82,17 @@ class Images(QueryGroup, sql_file="images.sql"):
         return {row["uuid"]: _image(row) for row in rows}
 
     async def mark_ready(
-        self, *, uuid: str, size: int, actual_size: int, virtual_size: int, md5_sum: str
+        self,
+        *,
+        uuid: str,
+        size: int,
+        actual_size: int,
+        virtual_size: int,
+        md5_sum: str,
+        sha256_sum: str | None,
     ) -> bool:
+        """The image's file is stored: record what it is. `sha256_sum` is None when the agent
+        that stored it reports md5 only (one from before contract section 9)."""
         ready = ImageStatus.Ready
         row = await self._row(
             "image_mark_ready",
@@ -90,6 +101,7 @@ class Images(QueryGroup, sql_file="images.sql"):
             actual_size=actual_size,
             virtual_size=virtual_size,
             md5_sum=md5_sum,
+            sha256_sum=sha256_sum,
             ready=ready,
             allowed=IMAGE_STATUS.allowed_from(ready),
         )

@@ -84,10 +84,86 @@ async def test_the_guard_refuses_what_the_table_forbids(pg: PgStack) -> None:
     )
     async with pg.store.transaction() as tx:
         marked = await tx.images.mark_ready(
-            uuid=image, size=2, actual_size=2, virtual_size=2, md5_sum="1" * 32
+            uuid=image, size=2, actual_size=2, virtual_size=2, md5_sum="1" * 32, sha256_sum=None
         )
         assert not marked
     assert await pg.db.fetchval("SELECT size FROM image WHERE uuid = $1", image) == 1
+
+
+async def insert_downloading_image(db: asyncpg.Connection, **columns: Any) -> str:
+    image = uuid.uuid4().hex
+    names = ", ".join(columns)
+    values = ", ".join(f"${i}" for i in range(2, len(columns) + 2))
+    await db.execute(
+        "INSERT INTO image (uuid, name, status, url, media_type, platform, format"
+        f"{', ' if columns else ''}{names}) VALUES ($1, 'x', 'Downloading', 'http://h/x',"
+        f" 'RootVolumeTemplate', 'Linux', 'raw'{', ' if columns else ''}{values})",
+        image,
+        *columns.values(),
+    )
+    return image
+
+
+SHA = "0123456789abcdef" * 4
+
+
+async def test_mark_ready_records_the_sha256_and_the_inventory_shows_it(pg: PgStack) -> None:
+    """Contract section 9: the statement that marks an image Ready sets `sha256_sum` with
+    `md5_sum`; an agent that reports md5 only leaves it NULL, and the image is Ready all the
+    same."""
+    with_sha = await insert_downloading_image(pg.db)
+    without = await insert_downloading_image(pg.db)
+    async with pg.store.transaction() as tx:
+        for image, sha in ((with_sha, SHA), (without, None)):
+            assert await tx.images.mark_ready(
+                uuid=image, size=1, actual_size=1, virtual_size=1, md5_sum="1" * 32, sha256_sum=sha
+            )
+    async with pg.store.transaction() as tx:
+        rows = {row["uuid"]: row for row in await tx.images.inventory_rows([with_sha, without])}
+    assert (rows[with_sha]["sha256_sum"], rows[without]["sha256_sum"]) == (SHA, None)
+    assert rows[without]["md5_sum"] == "1" * 32
+    statuses = await pg.db.fetch("SELECT DISTINCT status::text FROM image")
+    assert [r[0] for r in statuses] == ["Ready"]
+    found = await pg.call(
+        "QueryImage", {"conditions": [{"name": "sha256Sum", "op": "=", "value": SHA}]}
+    )
+    assert [inv["uuid"] for inv in found["inventories"]] == [with_sha]
+    assert found["inventories"][0]["sha256Sum"] == SHA
+    unknown = await pg.call("QueryImage", {"conditions": [{"name": "sha256Sum", "op": "is null"}]})
+    assert [inv["sha256Sum"] for inv in unknown["inventories"]] == [None]
+
+
+async def test_a_ready_image_keeps_its_sha256(pg: PgStack) -> None:
+    """The guard that keeps a Ready image from turning Ready again keeps its sha256 too."""
+    image = await insert_downloading_image(pg.db)
+    async with pg.store.transaction() as tx:
+        assert await tx.images.mark_ready(
+            uuid=image, size=1, actual_size=1, virtual_size=1, md5_sum="1" * 32, sha256_sum=SHA
+        )
+        assert not await tx.images.mark_ready(
+            uuid=image, size=2, actual_size=2, virtual_size=2, md5_sum="2" * 32, sha256_sum="f" * 64
+        )
+    assert await pg.db.fetchval("SELECT sha256_sum FROM image WHERE uuid = $1", image) == SHA
+
+
+@pytest.mark.parametrize("column", ["sha256_sum", "expected_sha256"])
+@pytest.mark.parametrize(
+    "bad",
+    [SHA.upper(), SHA[:-1], SHA + "0", "g" + SHA[1:], SHA + "\n", "", "1" * 32],
+    ids=["uppercase", "63", "65", "non-hex", "newline", "empty", "md5"],
+)
+async def test_the_sha256_columns_hold_64_lowercase_hex_or_null(
+    pg: PgStack, column: str, bad: str
+) -> None:
+    constraint = {
+        "sha256_sum": "image_sha256_sum_hex",
+        "expected_sha256": "image_expected_sha256_hex",
+    }[column]
+    with pytest.raises(asyncpg.CheckViolationError) as excinfo:
+        await insert_downloading_image(pg.db, **{column: bad})
+    assert excinfo.value.constraint_name == constraint
+    await insert_downloading_image(pg.db, **{column: SHA})
+    await insert_downloading_image(pg.db, **{column: None})
 
 
 # --- migrations ---------------------------------------------------------------------------
@@ -187,6 +263,24 @@ async def test_a_first_release_database_is_migrated_without_losing_a_row(
     }
     assert "op_status_sent_idx" in indexes and "op_pending_idx" not in indexes
     assert await migrate(db) == [], "a second run finds nothing to do"
+    images = {r["uuid"]: r for r in await db.fetch("SELECT * FROM image")}
+    assert all(r["sha256_sum"] is None and r["expected_sha256"] is None for r in images.values())
+
+
+async def test_migration_4_can_run_again(pg: PgStack) -> None:
+    """Its statements are idempotent, as those of the migrations before it: running the file on
+    a database that has it changes nothing (its constraints are not added twice)."""
+
+    async def constraints() -> list[str]:
+        rows = await pg.db.fetch(
+            "SELECT conname FROM pg_constraint WHERE conrelid = 'image'::regclass ORDER BY 1"
+        )
+        return [r[0] for r in rows]
+
+    before = await constraints()
+    assert {"image_sha256_sum_hex", "image_expected_sha256_hex"} <= set(before)
+    await pg.db.execute(available_migrations()[3].sql)
+    assert await constraints() == before
 
 
 async def test_adopting_a_first_release_database_completes_it(
