@@ -1250,3 +1250,110 @@ async def test_get_image_source_of_a_template(stack: Stack, tmp_path: Path) -> N
         }
     ]
     assert reply["sources"][0]["hostname"]
+
+
+# === section 9: templates pass the rules downloads pass ==================================
+
+
+async def test_a_raw_volume_whose_guest_wrote_a_disk_header_is_unsafe(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """A guest owns its raw disk's bytes: it can write a VMDK descriptor naming a host file
+    (with CD001 at 0x8001) or a qcow2 header with a backing file. Stored as raw, any consumer
+    that opened it without -f would read host files through it."""
+    vroot = tmp_path / "vols"
+    vroot.mkdir()
+    descriptor = vroot / "descriptor.raw"
+    text = b'# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="monolithicFlat"\nRW 2048 FLAT "/etc/passwd" 0\n'
+    content = bytearray(text + bytes(1 * MiB - len(text)))
+    content[0x8001:0x8006] = b"CD001"
+    descriptor.write_bytes(content)
+    backed = vroot / "backed.raw"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "/etc/passwd", "-F", "raw", str(backed), "1M")
+    agent = await stack.start_agent("bs1", "--volume-root", str(vroot))
+    for volume in (descriptor, backed):
+        vol = await add_volume(stack, f"file://{volume}", fmt="raw")
+        image_uuid = uuid.uuid4().hex
+        reply = await root_template(stack, vol, resourceUuid=image_uuid)
+        error = await assert_failed_and_gone(stack, reply, image_uuid, [agent], "UNSAFE_IMAGE")
+        assert "/etc/passwd" not in json.dumps(reply), error
+        assert ".agent" not in json.dumps(reply), error
+
+
+async def test_a_volume_beyond_the_virtual_size_limit_is_refused_before_conversion(
+    stack: Stack, tmp_path: Path
+) -> None:
+    vroot = tmp_path / "vols"
+    vroot.mkdir()
+    big = vroot / "big.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(big), "64M")
+    agent = await stack.start_agent(
+        "bs1", "--volume-root", str(vroot), "--max-virtual-size", str(32 * MiB)
+    )
+    vol = await add_volume(stack, f"file://{big}")
+    image_uuid = uuid.uuid4().hex
+    reply = await root_template(stack, vol, resourceUuid=image_uuid)
+    error = await assert_failed_and_gone(stack, reply, image_uuid, [agent], "UNSAFE_IMAGE")
+    assert "--max-virtual-size" in error["details"], error
+
+
+HUGE = 40 << 30
+
+
+async def _hashing_a_huge_sparse_template(
+    stack: Stack, tmp_path: Path
+) -> tuple[Agent, str, asyncio.Task[dict[str, Any]]]:
+    """A 40 GiB sparse raw volume: qemu-img convert skips its holes in a moment, then the
+    agent hashes 40 GiB of zeros (about a minute). Returns once that hashing runs. (Its
+    apparent size must stay below the disk's free space, which the agent checks.)"""
+    vroot = tmp_path / "vols"
+    vroot.mkdir()
+    sparse = vroot / "sparse.raw"
+    with open(sparse, "wb") as f:
+        f.truncate(HUGE)
+    agent = await stack.start_agent("bs1", "--volume-root", str(vroot))
+    vol = await add_volume(stack, f"file://{sparse}", fmt="raw")
+    image_uuid = uuid.uuid4().hex
+    call = asyncio.create_task(root_template(stack, vol, resourceUuid=image_uuid))
+    partial = agent.root / ".agent" / "partial"
+
+    async def hashing() -> bool:
+        files = [p for p in partial.iterdir() if p.is_file()]
+        if not files or files[0].stat().st_size != HUGE:
+            return False
+        # qemu-img has finished (no process of it is left): what runs now is the hashing.
+        done = subprocess.run(["pgrep", "-f", f"qemu-img convert.*{vroot}"], capture_output=True)
+        return done.returncode == 1
+
+    await wait_for(hashing, timeout=30)
+    await asyncio.sleep(0.5)
+    assert not call.done(), call.result()  # still hashing: 40 GiB take about a minute
+    return agent, image_uuid, call
+
+
+async def test_sigterm_stops_the_hashing_of_a_huge_template_within_5s(
+    stack: Stack, tmp_path: Path
+) -> None:
+    agent, _image_uuid, call = await _hashing_a_huge_sparse_template(stack, tmp_path)
+    started = time.monotonic()
+    code = agent.proc.terminate(timeout=30)
+    elapsed = time.monotonic() - started
+    assert code == 0, agent.proc.log()
+    assert elapsed < 5, f"the agent took {elapsed:.1f}s to stop"
+    call.cancel()
+    await asyncio.gather(call, return_exceptions=True)
+
+
+async def test_an_enforcing_delete_cancels_the_hashing_within_5s(
+    stack: Stack, tmp_path: Path
+) -> None:
+    agent, image_uuid, call = await _hashing_a_huge_sparse_template(stack, tmp_path)
+    started = time.monotonic()
+    reply = await stack.call("DeleteImage", {"uuid": image_uuid, "deleteMode": "Enforcing"})
+    assert reply["success"], reply
+    failed = await asyncio.wait_for(call, 30)
+    assert not failed["success"], failed
+    await wait_no_files(agent, timeout=5)
+    assert list((agent.root / ".agent" / "partial").iterdir()) == []
+    elapsed = time.monotonic() - started
+    assert elapsed < 5, f"cancelling took {elapsed:.1f}s"
