@@ -223,6 +223,8 @@ class SftpHost:
     private_key: str
     server_key: asyncssh.SSHKey
     gate: Gate
+    # Connections the server accepted.
+    connections: list[int] = field(default_factory=list)
 
     def url(self, path: Path | str, user: str = "user") -> str:
         return f"sftp://{user}@127.0.0.1:{self.port}{path}"
@@ -255,16 +257,25 @@ async def sftp_host(tmp_path: Path) -> AsyncIterator[SftpHost]:
     authorized = asyncssh.import_authorized_keys(client_key.export_public_key().decode())
     gate = Gate()
     gate.opened.set()
+    connections: list[int] = []
+
+    class Counting(asyncssh.SSHServer):
+        def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+            connections.append(1)
+
     server = await asyncssh.listen(
         "127.0.0.1",
         0,
         server_host_keys=[server_key],
         authorized_client_keys=authorized,
+        server_factory=Counting,
         sftp_factory=lambda chan: GatedSFTPServer(chan, gate),
     )
     try:
         port = server.sockets[0].getsockname()[1]
-        host = SftpHost(port, key_file, ssh_dir / "known_hosts", private_key, server_key, gate)
+        host = SftpHost(
+            port, key_file, ssh_dir / "known_hosts", private_key, server_key, gate, connections
+        )
         host.known_hosts.write_text(host.known_hosts_line())
         yield host
     finally:
@@ -1357,3 +1368,30 @@ async def test_an_enforcing_delete_cancels_the_hashing_within_5s(
     assert list((agent.root / ".agent" / "partial").iterdir()) == []
     elapsed = time.monotonic() - started
     assert elapsed < 5, f"cancelling took {elapsed:.1f}s"
+
+
+async def test_an_sftp_source_on_a_denied_address_is_never_contacted(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """The network policy holds for sftp as for http: 127.0.0.1 falls back to the default
+    loopback denial when only 127.0.0.2 is allowed, for a download and for a template."""
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    img = remote / "img.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(img), "16M")
+    async with sftp_host(tmp_path) as host:
+        agent = await stack.start_agent(
+            "bs1", *host.agent_flags(), "--allow-networks", "127.0.0.2/32"
+        )
+        for url in (host.url(img), host.url(img).replace("127.0.0.1", "localhost")):
+            image_uuid = uuid.uuid4().hex
+            reply = await stack.add_image(
+                url, [agent], name="img", format="qcow2", resourceUuid=image_uuid
+            )
+            await assert_failed_and_gone(stack, reply, image_uuid, [agent], "URL_NOT_ALLOWED")
+            assert "127.0.0.1" in json.dumps(reply) or "::1" in json.dumps(reply), reply
+        vol = await add_volume(stack, host.url(img))
+        image_uuid = uuid.uuid4().hex
+        reply = await root_template(stack, vol, resourceUuid=image_uuid)
+        await assert_failed_and_gone(stack, reply, image_uuid, [agent], "URL_NOT_ALLOWED")
+        assert host.connections == []

@@ -9,6 +9,7 @@ on the policy function only; live tests use loopback addresses the policy under 
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -292,3 +293,33 @@ def test_hashing_stops_within_a_chunk_when_cancelled(tmp_path: Path) -> None:
         return time.monotonic() - started
 
     assert asyncio.run(run()) < 5
+
+
+async def test_a_cancelled_qemu_img_is_killed_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a cancelled op or a stopping agent does to a long conversion: the child dies."""
+    from backup_agent import inspection
+
+    fake = tmp_path / "qemu-img"
+    pid_file = tmp_path / "pid"
+    fake.write_text(f"#!/bin/sh\necho $$ > {pid_file}\nexec sleep 60\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(
+        inspection.shutil,
+        "which",
+        lambda name: str(fake) if name == "qemu-img" else "/usr/bin/prlimit",
+    )
+    task = asyncio.create_task(inspection.run_qemu_img("convert", timeout=120))
+    for _ in range(100):
+        if pid_file.exists() and pid_file.read_text().strip():
+            break
+        await asyncio.sleep(0.05)
+    pid = int(pid_file.read_text())
+    started = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert time.monotonic() - started < 5
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
