@@ -241,6 +241,11 @@ async def open_http(
             raise OpFailure(
                 ErrorCode.URL_NOT_ALLOWED, f"{redact(url)}: redirected to a url that is not http(s)"
             ) from None
+        except aiohttp.InvalidURL:
+            # aiohttp refuses non-canonical hosts (`127.1`, `2130706433`) before any connection.
+            raise OpFailure(
+                ErrorCode.URL_NOT_ALLOWED, f"{redact(url)}: not a valid host name or address"
+            ) from None
         except aiohttp.ClientConnectorCertificateError:
             raise OpFailure(
                 ErrorCode.DOWNLOAD_FAILED, f"{redact(url)}: the server's certificate is not trusted"

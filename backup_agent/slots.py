@@ -4,10 +4,13 @@
 bandwidth, hashing and memory. A source that drips bytes costs none of that, yet with plain
 semaphore slots four drip-fed sources held every slot and a healthy image waited minutes.
 
-So a slot holder that has moved less than `--min-throughput` during its last second, while
-another download waits, gives its slot to that one and goes on outside the slots: its source
-keeps its connection and may still finish (the 60 s average of `--min-throughput` judges it
-in transfer.py). Outside the slots is bounded too (`overflow` downloads at most), so a flood of
+So a download first connects and reads the head of its image (64 KiB, which the format
+inspector needs anyway) outside the slots, and claims a slot only to stream the rest: a drip
+feed never gets that far quickly, so it never takes a slot from a healthy source. And a slot
+holder that has moved less than `--min-throughput` during its last second, while another
+download waits, gives its slot to that one and goes on outside the slots: its source keeps its
+connection and may still finish (the `--min-throughput` average over a window judges it in
+transfer.py). Outside the slots is bounded too (`overflow` downloads at most), so a flood of
 slow sources queues instead of opening sockets without end. Template creations hold their slot
 to the end: their cost is qemu-img's, not a network's.
 """
@@ -27,16 +30,26 @@ TICK = 0.25
 
 @dataclass(eq=False, slots=True)
 class Ticket:
-    """One download's claim: the bytes it has moved, and whether it holds a slot now."""
+    """One download's place: the bytes it has moved, whether it has claimed a slot (once)
+    and whether it holds it now."""
 
+    slots: Slots
     preemptible: bool
     moved: int = 0
+    claimed: bool = False
     holding: bool = False
     mark_time: float = field(default_factory=time.monotonic)
     mark_moved: int = 0
 
     def add(self, count: int) -> None:
         self.moved += count
+
+    async def claim(self) -> None:
+        """Wait for a slot, the first time only: a download that lost its slot for being slow
+        goes on without one."""
+        if not self.claimed:
+            self.claimed = True
+            await self.slots._acquire(self)
 
     def restart_mark(self, now: float) -> None:
         self.mark_time, self.mark_moved = now, self.moved
@@ -62,10 +75,10 @@ class Slots:
 
     @contextlib.asynccontextmanager
     async def download(self) -> AsyncIterator[Ticket]:
-        """A slot for a transfer; it may lose the slot (not the transfer) when it is slow."""
+        """A place for a transfer, which claims its slot with `Ticket.claim` once it has read
+        its head; it may lose the slot (not the transfer) when it is slow."""
         async with self._lanes:
-            ticket = Ticket(preemptible=True)
-            await self._acquire(ticket)
+            ticket = Ticket(self, preemptible=True)
             try:
                 yield ticket
             finally:
@@ -75,8 +88,8 @@ class Slots:
     async def exclusive(self) -> AsyncIterator[Ticket]:
         """A slot held to the end (template creation)."""
         async with self._lanes:
-            ticket = Ticket(preemptible=False)
-            await self._acquire(ticket)
+            ticket = Ticket(self, preemptible=False)
+            await ticket.claim()
             try:
                 yield ticket
             finally:

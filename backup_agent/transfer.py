@@ -298,6 +298,8 @@ async def receive(
             async for data in source.chunks:
                 if not head.full and head.feed(data):
                     inspect(complete=False)  # a bad header stops the download at once
+                    if ticket is not None:
+                        await ticket.claim()  # the rest streams in a download slot (slots.py)
                 await writer.write(data)
                 if writer.size > limit:
                     raise too_big(writer.size)

@@ -138,6 +138,7 @@ async def test_a_slow_holder_gives_its_slot_to_a_waiter(monkeypatch: pytest.Monk
 
     async def slow() -> None:
         async with slots.download() as ticket:
+            await ticket.claim()
             order.append("slow in")
             await release_slow.wait()  # moves nothing meanwhile
             assert not ticket.holding
@@ -145,6 +146,7 @@ async def test_a_slow_holder_gives_its_slot_to_a_waiter(monkeypatch: pytest.Monk
 
     async def healthy() -> None:
         async with slots.download() as ticket:
+            await ticket.claim()
             assert ticket.holding
             order.append("healthy in")
 
@@ -167,6 +169,7 @@ async def test_a_fast_holder_and_a_creation_keep_their_slots(
 
     async def fast() -> None:
         async with slots.download() as ticket:
+            await ticket.claim()
             while not stop.is_set():
                 ticket.add(1000)
                 await asyncio.sleep(0.01)
@@ -188,8 +191,17 @@ async def test_a_fast_holder_and_a_creation_keep_their_slots(
 
 
 async def _enter(slots: Slots) -> None:
-    async with slots.download():
-        pass
+    async with slots.download() as ticket:
+        await ticket.claim()
+
+
+async def test_a_download_takes_no_slot_before_it_claims_one() -> None:
+    """Connecting and reading the head happen outside the slots: a drip feed stuck there
+    holds none."""
+    slots = Slots(1, min_throughput=0)
+    async with slots.download() as stuck, slots.download():
+        assert slots.holders == 0 and not stuck.claimed
+        await asyncio.wait_for(_enter(slots), 1)  # the slot is free for whoever needs it
 
 
 async def test_a_cancelled_waiter_leaves_no_trace() -> None:
@@ -209,7 +221,8 @@ async def test_outside_the_slots_is_bounded_too() -> None:
     gate = asyncio.Event()
 
     async def hold() -> None:
-        async with slots.download():
+        async with slots.download() as ticket:
+            await ticket.claim()
             await gate.wait()
 
     tasks = [asyncio.create_task(hold()) for _ in range(3)]
