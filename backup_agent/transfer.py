@@ -1,10 +1,10 @@
 """Streaming an image from its source to disk, hashing it on the way.
 
-Pieces are gathered into chunks of 4 MiB (as a list: never joined, never copied); each chunk
-is hashed with md5 in one worker thread, with sha256 in a second and written with writev in a
-third at the same time (hashlib and file writes release the GIL) while the event loop reads the
-next one, so memory stays at a few chunks whatever the image size, and a second digest costs no
-time on two cores. Written data is flushed to disk every 256 MiB, so the final
+Pieces are gathered into chunks of 4 MiB (as a list: never joined, never copied); md5, sha256
+and the writev of the chunks are three lanes, each a thread taking the chunks in order
+(hashlib and file writes release the GIL) while the event loop reads the next ones, so memory
+stays at a few chunks whatever the image size, and the second digest costs no time on two
+cores (measured in tests/benchmarks/bench_add_image.py). Written data is flushed to disk every 256 MiB, so the final
 fsync does not wait for a whole image's worth of dirty pages (measured in
 tests/benchmarks/bench_add_image.py).
 """
@@ -22,6 +22,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ from backup_agent.slots import Ticket
 from image_service.protocol.errors import ErrorCode
 
 MIN_CHUNK = 4 << 20
+IN_FLIGHT = 3
+LANES = ("md5", "sha256", "write")
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 SYNC_EVERY = 256 << 20
 PROGRESS_EVERY = 1.0
@@ -99,6 +102,11 @@ class Meter:
 
 
 class HashingWriter:
+    """md5, sha256 and the write of the file are three lanes, each taking the chunks in order in
+    a thread of its own, so that each runs as fast as it can alone: in lockstep (the next chunk
+    waiting for all three) the disk sat idle while md5 ran and a second digest made ingest
+    slower on two cores. At most `IN_FLIGHT` chunks are between the lanes."""
+
     def __init__(self, path: Path) -> None:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         self._md5 = hashlib.md5(usedforsecurity=False)
@@ -106,7 +114,9 @@ class HashingWriter:
         # Pieces as received, not joined: a join would copy every byte once more.
         self._pieces: list[bytes] = []
         self._gathered = 0
-        self._pending: asyncio.Future[Any] | None = None
+        self._executor = ThreadPoolExecutor(len(LANES), thread_name_prefix="ingest")
+        self._lanes: dict[str, asyncio.Future[None] | None] = dict.fromkeys(LANES)
+        self._in_flight: deque[asyncio.Future[Any]] = deque()
         # Held by whoever uses or closes the descriptor: a worker thread may still be writing
         # when the download is cancelled, and abort() must not close the descriptor under it
         # (nor let a later write reach a number that another file has taken since).
@@ -150,9 +160,8 @@ class HashingWriter:
                     written = 0
 
     async def _wait(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            await pending
+        while self._in_flight:
+            await self._in_flight.popleft()
 
     async def write(self, data: bytes) -> None:
         self._pieces.append(data)
@@ -161,23 +170,38 @@ class HashingWriter:
         if self._gathered >= MIN_CHUNK:
             await self._hand_off()
 
+    def _submit(self, lane: str, job: Callable[[], None]) -> asyncio.Future[None]:
+        """`job` after the lane's previous job (and failing when that one failed)."""
+        previous = self._lanes[lane]
+        loop = asyncio.get_running_loop()
+
+        async def run() -> None:
+            if previous is not None:
+                await previous
+            await loop.run_in_executor(self._executor, job)
+
+        future = asyncio.ensure_future(run())
+        self._lanes[lane] = future
+        return future
+
     async def _hand_off(self) -> None:
         pieces, length = self._pieces, self._gathered
         self._pieces, self._gathered = [], 0
-        await self._wait()
-        loop = asyncio.get_running_loop()
-        # The hashes and the write of one chunk run side by side; the next chunk waits for all
-        # three, which keeps the digest updates and the writes in order.
-        self._pending = asyncio.gather(
-            loop.run_in_executor(None, self._hash_md5, pieces),
-            loop.run_in_executor(None, self._hash_sha256, pieces),
-            loop.run_in_executor(None, self._write, pieces, length),
+        self._in_flight.append(
+            asyncio.gather(
+                self._submit("md5", lambda: self._hash_md5(pieces)),
+                self._submit("sha256", lambda: self._hash_sha256(pieces)),
+                self._submit("write", lambda: self._write(pieces, length)),
+            )
         )
+        while len(self._in_flight) > IN_FLIGHT:
+            await self._in_flight.popleft()
 
     async def restart(self) -> None:
         """Back to byte 0: the source sends the whole image again."""
         self._pieces, self._gathered = [], 0
         await self._wait()
+        self._lanes = dict.fromkeys(LANES)
         await asyncio.to_thread(self._truncate)
         self._md5 = hashlib.md5(usedforsecurity=False)
         self._sha256 = hashlib.sha256()
@@ -193,6 +217,7 @@ class HashingWriter:
         if self._pieces:
             await self._hand_off()
         await self._wait()
+        self._executor.shutdown(wait=False)
         await asyncio.to_thread(self._sync_close)
         return Received(self.size, self._md5.hexdigest(), self._sha256.hexdigest())
 
@@ -216,9 +241,12 @@ class HashingWriter:
     async def abort(self) -> None:
         # Waits (in a thread) for a write in progress to release the descriptor; never closes
         # it twice. The outcome of the last hand-off no longer matters: consume it quietly.
-        if self._pending is not None:
-            self._pending.add_done_callback(_consume_outcome)
-            self._pending = None
+        for future in (*self._in_flight, *self._lanes.values()):
+            if future is not None:
+                future.add_done_callback(_consume_outcome)
+        self._in_flight.clear()
+        self._lanes = dict.fromkeys(LANES)
+        self._executor.shutdown(wait=False)
         await asyncio.to_thread(self._close_quietly)
 
 
