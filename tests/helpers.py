@@ -309,3 +309,28 @@ async def fill_images(db: asyncpg.Connection, images: int) -> None:
         images,
     )
     await db.execute("ANALYZE")
+
+
+# --- hostile disk images ----------------------------------------------------------------------
+
+
+def vmdk_descriptor(extent_path: str = "/etc/passwd") -> bytes:
+    """A VMDK text descriptor whose one extent is `extent_path`: opened without -f, qemu
+    serves that file (a host file, say) as the disk."""
+    return (
+        b"# Disk DescriptorFile\n"
+        b"version=1\n"
+        b"CID=fffffffe\n"
+        b"parentCID=ffffffff\n"
+        b'createType="monolithicFlat"\n'
+        b"\n"
+        b"# Extent description\n" + f'RW 2048 FLAT "{extent_path}" 0\n'.encode()
+    )
+
+
+def with_cd001(data: bytes, size: int = 0x9000) -> bytes:
+    """`data` padded with zeros and an ISO 9660 primary volume descriptor planted at 0x8000,
+    so that a declared iso can only be refused for the disk format it really is."""
+    image = bytearray(data.ljust(size, b"\0"))
+    image[0x8000:0x8007] = b"\x01CD001\x01"
+    return bytes(image)

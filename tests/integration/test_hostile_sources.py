@@ -28,7 +28,7 @@ import pytest
 import pytest_asyncio
 
 from tests.conftest import Agent, Stack, wait_for
-from tests.helpers import error_of, query_image
+from tests.helpers import error_of, query_image, vmdk_descriptor, with_cd001
 from tests.hostile_server import SECRET, HostileServer, ipv6_loopback_available
 
 KiB = 1 << 10
@@ -154,14 +154,6 @@ async def run_cases(cases: dict[str, Awaitable[Any]]) -> list[Any]:
     return list(results)
 
 
-def plant_iso_magic(data: bytes) -> bytes:
-    """`data` with an ISO 9660 volume descriptor id ("CD001") at 0x8001, so that a declared
-    iso can only be refused for the disk format it really is."""
-    padded = bytearray(data.ljust(64 * KiB, b"\0"))
-    padded[0x8001:0x8006] = b"CD001"
-    return bytes(padded)
-
-
 # --- the disk images (made with the real qemu-img) -----------------------------------------
 
 
@@ -241,7 +233,7 @@ async def test_content_must_be_the_declared_format(
     uuids: list[str] = []
 
     async def unsafe(declared: str) -> None:
-        content = plant_iso_magic(data) if declared == "iso" else data
+        content = with_cd001(data, 64 * KiB) if declared == "iso" else data
         name = f"{fmt}-as-{declared}"
         hostile.add(name, content)
         params = {"format": declared}
@@ -275,21 +267,7 @@ async def test_content_must_be_the_declared_format(
 def passwd_descriptor() -> bytes:
     """A VMDK text descriptor whose extent is the host's /etc/passwd, padded to look like an
     ISO 9660 image: opened without -f, qemu would serve the host file as the disk."""
-    text = (
-        b"# Disk DescriptorFile\n"
-        b"version=1\n"
-        b"CID=fffffffe\n"
-        b"parentCID=ffffffff\n"
-        b'createType="monolithicFlat"\n'
-        b"\n"
-        b"# Extent description\n"
-        b'RW 2048 FLAT "/etc/passwd" 0\n'
-        b"\n"
-        b"# The Disk Data Base\n"
-        b"#DDB\n"
-        b'ddb.adapterType = "ide"\n'
-    )
-    return plant_iso_magic(text)
+    return with_cd001(vmdk_descriptor("/etc/passwd"), 64 * KiB)
 
 
 async def test_broken_and_malicious_images_are_unsafe(

@@ -36,9 +36,11 @@ from tests.helpers import (
     qemu_img,
     qemu_info,
     query_image,
+    vmdk_descriptor,
     wait_disconnected,
     wait_no_files,
     wait_no_pending_ops,
+    with_cd001,
 )
 
 MiB = 1 << 20
@@ -1275,10 +1277,7 @@ async def test_a_raw_volume_whose_guest_wrote_a_disk_header_is_unsafe(
     vroot = tmp_path / "vols"
     vroot.mkdir()
     descriptor = vroot / "descriptor.raw"
-    text = b'# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="monolithicFlat"\nRW 2048 FLAT "/etc/passwd" 0\n'
-    content = bytearray(text + bytes(1 * MiB - len(text)))
-    content[0x8001:0x8006] = b"CD001"
-    descriptor.write_bytes(content)
+    descriptor.write_bytes(with_cd001(vmdk_descriptor("/etc/passwd"), 1 * MiB))
     backed = vroot / "backed.raw"
     qemu_img("create", "-q", "-f", "qcow2", "-b", "/etc/passwd", "-F", "raw", str(backed), "1M")
     agent = await stack.start_agent("bs1", "--volume-root", str(vroot))

@@ -31,6 +31,7 @@ from backup_agent.format_inspector import (
     check_head,
     detect,
 )
+from tests.helpers import vmdk_descriptor, with_cd001
 
 TIB = 1 << 40
 GIB = 1 << 30
@@ -153,34 +154,15 @@ def build_parallels_v1(d: Path) -> Path:
     return write(d / "old.hdd", bytes(header).ljust(4096, b"\0"))
 
 
-def descriptor(extent_path: str) -> bytes:
-    return (
-        b"# Disk DescriptorFile\n"
-        b"version=1\n"
-        b"CID=fffffffe\n"
-        b"parentCID=ffffffff\n"
-        b'createType="monolithicFlat"\n'
-        b"\n"
-        b"# Extent description\n" + f'RW 2048 FLAT "{extent_path}" 0\n'.encode()
-    )
-
-
-def with_cd001(data: bytes, size: int = 0x9000) -> bytes:
-    """Pads data with zeros and plants an ISO 9660 primary volume descriptor at 0x8000."""
-    image = bytearray(data.ljust(size, b"\0"))
-    image[0x8000:0x8007] = b"\x01CD001\x01"
-    return bytes(image)
-
-
 def build_passwd_descriptor_iso(d: Path) -> Path:
     """The attack: a VMDK descriptor whose extent is a host file, disguised as an ISO."""
-    return write(d / "trick.iso", with_cd001(descriptor("/etc/passwd")))
+    return write(d / "trick.iso", with_cd001(vmdk_descriptor("/etc/passwd")))
 
 
 def build_local_descriptor_iso(d: Path) -> Path:
     """The same trick with a harmless extent, so that qemu's own probe can be asked about it."""
     (d / "extent.raw").write_bytes(bytes(2048 * 512))
-    return write(d / "local-trick.iso", with_cd001(descriptor("extent.raw")))
+    return write(d / "local-trick.iso", with_cd001(vmdk_descriptor("extent.raw")))
 
 
 def build_iso(d: Path) -> Path:
