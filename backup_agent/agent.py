@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import time
+import unicodedata
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -40,17 +42,24 @@ log = logging.getLogger(__name__)
 
 JOURNAL_RETENTION = 7 * 24 * 3600.0
 MAX_PUBLIC_DETAILS = 2048
-_UNPRINTABLE = re.compile(r"[^\x20-\x7e\u00a0-\uffff]+")
+# Control, format (bidi overrides, zero-width), separator, private-use and unassigned
+# characters: what could make a reply render as something else than it says.
+_HIDDEN = frozenset({"Cc", "Cf", "Zl", "Zp", "Co", "Cs", "Cn"})
 
 
 def public_details(details: str, private: Path) -> str:
     """Error details fit for the service's replies (contract section 9): no path inside the
-    agent's private directory (partial files, journal), no control characters (qemu-img may
-    echo bytes of a hostile image), and a bounded length."""
-    text = re.sub(re.escape(str(private)) + r"[^\s'\"]*", "(agent-private file)", details)
-    text = _UNPRINTABLE.sub("?", text)
-    if len(text) > MAX_PUBLIC_DETAILS:
-        text = text[: MAX_PUBLIC_DETAILS - 1] + "…"
+    agent's private directory (partial files, journal), in any spelling, no invisible or
+    control characters (qemu-img may echo bytes of a hostile image), at most 2 KiB of UTF-8."""
+    text = details
+    for spelling in {str(private), os.path.realpath(private)}:
+        text = re.sub(re.escape(spelling) + r"[^\s'\"]*", "(agent-private file)", text)
+    text = "".join(
+        " " if ch in "\t\n\r" else "?" if unicodedata.category(ch) in _HIDDEN else ch for ch in text
+    )
+    encoded = text.encode()
+    if len(encoded) > MAX_PUBLIC_DETAILS:
+        text = encoded[: MAX_PUBLIC_DETAILS - 3].decode(errors="ignore") + "…"
     return text
 
 

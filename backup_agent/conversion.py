@@ -21,7 +21,12 @@ from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
 
 from backup_agent.fetchers import FetchSettings, OpFailure, redact
-from backup_agent.inspection import image_info, refuse_external_data_file, run_qemu_img
+from backup_agent.inspection import (
+    check_content,
+    image_info,
+    refuse_external_data_file,
+    run_qemu_img,
+)
 from backup_agent.transfer import Limits, Progress, receive
 from image_service.protocol.errors import ErrorCode
 
@@ -29,6 +34,9 @@ CONVERT_TIMEOUT = 4 * 3600.0
 CONVERT_MEMORY = 2 << 30
 MAX_CHAIN = 16
 FORMATS = frozenset({"qcow2", "raw"})
+# The virtual size of the whole volume is checked once (check_virtual_size); a layer's own
+# head check needs no limit of its own.
+MAX_LAYER_VIRTUAL_SIZE = 1 << 62
 
 
 HASH_CHUNK = 16 << 20
@@ -63,6 +71,20 @@ async def _check_local_chain(path: Path, fmt: str, roots: tuple[Path, ...]) -> N
             raise OpFailure(
                 ErrorCode.URL_NOT_ALLOWED, f"backing file {filename} is outside the volume roots"
             )
+        # A backing file whose format the layer does not name is probed by qemu: a VMDK
+        # descriptor there would make the conversion read any file its extents name.
+        layer_fmt = layer.get("format")
+        if layer_fmt not in FORMATS:
+            raise OpFailure(
+                ErrorCode.UNSAFE_IMAGE, f"a layer of the volume is {layer_fmt}, not qcow2 or raw"
+            )
+        if layer.get("backing-filename") and layer.get("backing-filename-format") not in FORMATS:
+            raise OpFailure(
+                ErrorCode.UNSAFE_IMAGE, "a backing file without an explicit qcow2 or raw format"
+            )
+        if layer_fmt == "raw":
+            # A raw layer must not be another format in disguise (format_inspector.py).
+            await asyncio.to_thread(check_content, filename, "raw", MAX_LAYER_VIRTUAL_SIZE)
 
 
 def _sftp_url(base: str, path: str) -> str:

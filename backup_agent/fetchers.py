@@ -50,6 +50,11 @@ class Transient(OpFailure):
         super().__init__(ErrorCode.DOWNLOAD_FAILED, details)
 
 
+class SourceChanged(Transient):
+    """The source answered a resume with another version of the resource: the next try starts
+    again from byte 0."""
+
+
 @dataclass(frozen=True, slots=True)
 class Validator:
     """What a resumed transfer must find unchanged: the resource's length and its strong ETag
@@ -105,11 +110,17 @@ class AddressRefused(OSError):
 class _Guard:
     """The socket factory aiohttp calls for every address it connects to (redirects included),
     after name resolution: the last moment before connect, so no DNS answer and no spelling
-    of an address escapes the policy. Refusals are kept to name them in the error."""
+    of an address escapes the policy. Refusals are kept to name them in the error; `begin`
+    starts the record of one connection attempt (aiohttp's connection-create trace), so that a
+    connection fails as URL_NOT_ALLOWED only when the policy refused every address it had."""
 
     def __init__(self, policy: NetworkPolicy) -> None:
         self.policy = policy
         self.refused: list[str] = []
+        self.allowed = 0
+
+    def begin(self) -> None:
+        self.refused, self.allowed = [], 0
 
     def check(self, address: str) -> None:
         reason = self.policy.refusal(address)
@@ -117,6 +128,7 @@ class _Guard:
             if reason not in self.refused:
                 self.refused.append(reason)
             raise AddressRefused(errno.EACCES, reason)
+        self.allowed += 1
 
     def socket(self, addr_info: tuple[Any, ...]) -> socket.socket:
         family, type_, proto, _canonname, sockaddr = addr_info
@@ -124,9 +136,19 @@ class _Guard:
         return socket.socket(family=family, type=type_, proto=proto)
 
     def refusal(self) -> OpFailure | None:
-        if not self.refused:
+        """URL_NOT_ALLOWED when the policy refused every address of the failed attempt."""
+        if not self.refused or self.allowed:
             return None
         return OpFailure(ErrorCode.URL_NOT_ALLOWED, "; ".join(self.refused))
+
+    def trace(self) -> aiohttp.TraceConfig:
+        config = aiohttp.TraceConfig()
+
+        async def started(*_args: Any) -> None:
+            self.begin()
+
+        config.on_connection_create_start.append(started)
+        return config
 
 
 def _status_text(status: int) -> str:
@@ -154,21 +176,19 @@ _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
 
 
 def _check_partial(response: aiohttp.ClientResponse, resume: Resume, url: str) -> None:
-    """A 206 must be the rest of the very resource that was cut short."""
+    """A 206 must be the rest of the very resource that was cut short: the range asked for,
+    the same length, and the same ETag (or Last-Modified, when that was the validator)."""
     match = _CONTENT_RANGE.match(response.headers.get("Content-Range", "").strip())
-    etag = response.headers.get("ETag", "").strip()
     validator = resume.validator
+    header = "ETag" if validator.tag.startswith('"') else "Last-Modified"
     if (
         match is None
         or int(match[1]) != resume.offset
         or int(match[2]) != validator.total - 1
         or int(match[3]) != validator.total
-        or (etag and validator.tag.startswith('"') and etag != validator.tag)
+        or response.headers.get(header, "").strip() != validator.tag
     ):
-        raise OpFailure(
-            ErrorCode.DOWNLOAD_FAILED,
-            f"{redact(url)}: the resumed part is not the rest of the image",
-        )
+        raise SourceChanged(f"{redact(url)}: the source changed during the download")
 
 
 @asynccontextmanager
@@ -191,6 +211,7 @@ async def open_http(
     connector = aiohttp.TCPConnector(socket_factory=guard.socket, use_dns_cache=False)
     async with aiohttp.ClientSession(
         connector=connector,
+        trace_configs=[guard.trace()],
         timeout=timeout,
         read_bufsize=READ_SIZE,
         auto_decompress=False,
@@ -413,6 +434,7 @@ async def open_sftp(
     host, port = parts.hostname, parts.port or 22
     known_hosts, client_factory = _host_key_policy(host, port, settings)
     sock = await _connect_checked(host, port, settings)
+    streaming = False  # from then on, what reaches the except clauses is the consumer's own
     try:
         async with (
             asyncssh.connect(
@@ -427,24 +449,35 @@ async def open_sftp(
                 password=None,
                 agent_path=None,
             ) as conn,
-            _sftp_source(conn, parts.path, settings, resume) as source,
+            _sftp_source(conn, parts.path, url, settings, resume) as source,
         ):
+            streaming = True
             yield source
     except TimeoutError:
-        raise Transient(f"{redact(url)}: no data for {settings.stall_timeout:g}s") from None
+        if streaming:
+            raise
+        raise Transient(f"{redact(url)}: no answer for {settings.connect_timeout:g}s") from None
     except (asyncssh.ConnectionLost, asyncssh.DisconnectError, ConnectionError) as exc:
+        if streaming:
+            raise
         if isinstance(exc, asyncssh.HostKeyNotVerifiable | asyncssh.PermissionDenied):
             raise OpFailure(
                 ErrorCode.DOWNLOAD_FAILED, f"{redact(url)}: {_sftp_reason(exc)}"
             ) from None
         raise Transient(f"{redact(url)}: connection lost ({_sftp_reason(exc)})") from None
     except (asyncssh.Error, OSError) as exc:
+        if streaming:
+            raise  # the writer's own error (a full disk, say) keeps its meaning
         raise OpFailure(ErrorCode.DOWNLOAD_FAILED, f"{redact(url)}: {_sftp_reason(exc)}") from None
 
 
 @asynccontextmanager
 async def _sftp_source(
-    conn: asyncssh.SSHClientConnection, path: str, settings: FetchSettings, resume: Resume | None
+    conn: asyncssh.SSHClientConnection,
+    path: str,
+    url: str,
+    settings: FetchSettings,
+    resume: Resume | None,
 ) -> AsyncIterator[Source]:
     async with (
         conn.start_sftp_client() as sftp,
@@ -461,11 +494,28 @@ async def _sftp_source(
             await remote.seek(start)
 
         async def chunks() -> AsyncIterator[bytes]:
+            received = 0
             while True:
-                data = await asyncio.wait_for(remote.read(READ_SIZE), settings.stall_timeout)
+                try:
+                    async with asyncio.timeout(settings.stall_timeout):
+                        data = await remote.read(READ_SIZE)
+                except TimeoutError:
+                    raise Transient(
+                        f"{redact(url)}: no data for {settings.stall_timeout:g}s"
+                        f" after {received} bytes"
+                    ) from None
+                except (asyncssh.ConnectionLost, asyncssh.DisconnectError, ConnectionError):
+                    raise Transient(
+                        f"{redact(url)}: connection lost after {received} bytes"
+                    ) from None
+                except (asyncssh.Error, OSError) as exc:
+                    raise OpFailure(
+                        ErrorCode.DOWNLOAD_FAILED, f"{redact(url)}: {_sftp_reason(exc)}"
+                    ) from None
                 if not data:
                     return
                 assert isinstance(data, bytes)
+                received += len(data)
                 yield data
 
         yield Source(size, chunks(), start, validator)

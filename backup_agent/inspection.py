@@ -27,6 +27,7 @@ QEMU_IMG_TIMEOUT = 60.0
 QEMU_IMG_MEMORY = 1 << 30
 QEMU_IMG_CPU_SECONDS = 30
 CHECK_TIMEOUT = 1800.0
+MAX_OUTPUT = 1 << 20
 
 # Leaked clusters waste space but read correctly; errors (2) and an unfinished check (1) do not.
 CHECK_LEAKS_ONLY = 3
@@ -56,6 +57,35 @@ def limited(argv: list[str], memory: int, cpu_seconds: int) -> list[str]:
     return [sys.executable, "-I", "-S", "-c", _LIMITED_EXEC, str(memory), str(cpu_seconds), *argv]
 
 
+async def _drain(
+    stream: asyncio.StreamReader, process: asyncio.subprocess.Process
+) -> tuple[bytes, bool]:
+    """A child's output to its end, keeping at most MAX_OUTPUT bytes: a hostile image (a qcow2
+    with a huge snapshot table, say) must not make qemu-img's report fill the agent's memory.
+    Beyond that the child is killed and the rest read and dropped (a pipe left unread would
+    keep `process.wait()` from ever returning); the second value tells that it overflowed."""
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await stream.read(1 << 16):
+        size += len(chunk)
+        if size <= MAX_OUTPUT:
+            chunks.append(chunk)
+        elif process.returncode is None:
+            chunks.clear()
+            process.kill()
+    return b"".join(chunks), size > MAX_OUTPUT
+
+
+async def _reap(process: asyncio.subprocess.Process) -> None:
+    """Kill the child and wait for it, reading its pipes to their end first."""
+    if process.returncode is None:
+        process.kill()
+    assert process.stdout is not None and process.stderr is not None
+    await asyncio.gather(
+        _drain(process.stdout, process), _drain(process.stderr, process), process.wait()
+    )
+
+
 async def run_qemu_img(
     *args: str,
     timeout: float = QEMU_IMG_TIMEOUT,
@@ -75,12 +105,19 @@ async def run_qemu_img(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+    assert process.stdout is not None and process.stderr is not None
     try:
-        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
-    except (TimeoutError, asyncio.CancelledError):
-        process.kill()
-        await process.wait()
+        (stdout, out_over), (stderr, err_over), _ = await asyncio.wait_for(
+            asyncio.gather(
+                _drain(process.stdout, process), _drain(process.stderr, process), process.wait()
+            ),
+            timeout,
+        )
+    except BaseException:
+        await _reap(process)  # a timeout, a cancelled op, the agent stopping
         raise
+    if out_over or err_over:
+        raise OpFailure(failure_code, f"qemu-img {args[0]}: more than {MAX_OUTPUT} bytes of output")
     if process.returncode not in ok_codes:
         message = stderr.decode(errors="replace").strip().splitlines()
         reason = message[-1] if message else f"exit {process.returncode}"
@@ -178,10 +215,12 @@ def _refuse_virtual_size(virtual_size: int, max_virtual_size: int) -> None:
         )
 
 
-async def check_virtual_size(path: Path, fmt: str, max_virtual_size: int) -> None:
-    """A volume too big to become a template, asked before its conversion."""
+async def check_virtual_size(path: Path, fmt: str, max_virtual_size: int) -> int:
+    """A volume too big to become a template, asked before its conversion; its virtual size."""
     info = await image_info(path, fmt)
-    _refuse_virtual_size(int(info["virtual-size"]), max_virtual_size)
+    virtual_size = int(info["virtual-size"])
+    _refuse_virtual_size(virtual_size, max_virtual_size)
+    return virtual_size
 
 
 async def inspect_image(path: Path, fmt: str, *, max_virtual_size: int) -> ImageFacts:

@@ -10,8 +10,9 @@ The decision for an address:
    --allow-networks 10.1.0.0/16` is an allow-list, and `--allow-networks 127.0.0.1/32` opens
    one loopback address and no other.
 2. When no entry contains it, the default denials decide: loopback, link-local (cloud metadata
-   at 169.254.169.254 included), multicast, unspecified ("this network" 0.0.0.0/8 too, which
-   Linux routes to the host itself) and reserved ranges are refused; private ranges are
+   at 169.254.169.254 included, and the two metadata addresses clouds put elsewhere:
+   fd00:ec2::254 and 100.100.100.200), multicast, unspecified ("this network" 0.0.0.0/8 too,
+   which Linux routes to the host itself) and reserved ranges are refused; private ranges are
    allowed, because internal mirrors are common.
 
 An IPv4 address spelled as IPv6 (`::ffff:a.b.c.d`) is judged as the IPv4 address it reaches.
@@ -27,6 +28,11 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
+# Cloud metadata services outside link-local: AWS's IPv6 endpoint (in the private fd00::/8)
+# and Alibaba Cloud's (in the shared 100.64.0.0/10). Their ranges stay allowed, not they.
+_METADATA = frozenset(
+    {ipaddress.ip_address("fd00:ec2::254"), ipaddress.ip_address("100.100.100.200")}
+)
 
 
 def parse_networks(text: str | Iterable[str]) -> tuple[IPNetwork, ...]:
@@ -58,6 +64,8 @@ def default_denial(address: IPAddress) -> str | None:
         return "loopback"
     if address.is_link_local:
         return "link-local"
+    if address in _METADATA:
+        return "a cloud metadata service"
     if address.is_multicast:
         return "multicast"
     if address.is_unspecified or (

@@ -10,7 +10,9 @@ feed never gets that far quickly, so it never takes a slot from a healthy source
 holder that has moved less than `--min-throughput` during its last second, while another
 download waits, gives its slot to that one and goes on outside the slots: its source keeps its
 connection and may still finish (the `--min-throughput` average over a window judges it in
-transfer.py). Outside the slots is bounded too (`overflow` downloads at most), so a flood of
+transfer.py), but queues for a slot again as soon as it is fast again, so pausing once wins a
+source no full-speed transfer outside the slots. What follows a transfer (qemu-img info and
+check) holds a slot to the end. Outside the slots is bounded too (`overflow` downloads at most), so a flood of
 slow sources queues instead of opening sockets without end. Template creations hold their slot
 to the end: their cost is qemu-img's, not a network's.
 """
@@ -44,12 +46,31 @@ class Ticket:
     def add(self, count: int) -> None:
         self.moved += count
 
-    async def claim(self) -> None:
-        """Wait for a slot, the first time only: a download that lost its slot for being slow
-        goes on without one."""
-        if not self.claimed:
-            self.claimed = True
-            await self.slots._acquire(self)
+    async def claim(self) -> bool:
+        """Wait for a slot, the first time only (True when it had to wait)."""
+        if self.claimed:
+            return False
+        self.claimed = True
+        return await self.slots._acquire(self)
+
+    async def keep_pace(self) -> bool:
+        """A download that lost its slot for being slow queues for one again as soon as it has
+        moved a second's worth of `--min-throughput` since: a source cannot win full speed
+        outside the slots by pausing once (True when it had to wait)."""
+        if not self.claimed or self.holding or not self.preemptible:
+            return False
+        if self.moved - self.mark_moved < self.slots.min_throughput * YIELD_AFTER:
+            return False
+        return await self.slots._acquire(self)
+
+    async def hold(self) -> bool:
+        """Keep (or get back) a slot to the end: what follows the transfer (qemu-img) costs CPU
+        and disk, not a network's time (True when it had to wait)."""
+        self.preemptible = False
+        self.claimed = True
+        if self.holding:
+            return False
+        return await self.slots._acquire(self)
 
     def restart_mark(self, now: float) -> None:
         self.mark_time, self.mark_moved = now, self.moved
@@ -95,11 +116,12 @@ class Slots:
             finally:
                 self._release(ticket)
 
-    async def _acquire(self, ticket: Ticket) -> None:
+    async def _acquire(self, ticket: Ticket) -> bool:
+        """A slot for `ticket`; True when it had to wait for it."""
         if self._free > 0 and not self._waiters:
             self._free -= 1
             self._grant(ticket)
-            return
+            return False
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((future, ticket))
         self._watch()
@@ -112,6 +134,7 @@ class Slots:
                 with contextlib.suppress(ValueError):
                     self._waiters.remove((future, ticket))
             raise
+        return True
 
     def _grant(self, ticket: Ticket) -> None:
         ticket.holding = True
@@ -147,5 +170,6 @@ class Slots:
                 rate = (ticket.moved - ticket.mark_moved) / (now - ticket.mark_time)
                 if rate < self.min_throughput:
                     self._release(ticket)  # the transfer goes on, outside the slots
+                    ticket.restart_mark(now)  # keep_pace counts from here
                 else:
                     ticket.restart_mark(now)

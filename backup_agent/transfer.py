@@ -31,6 +31,7 @@ from backup_agent.fetchers import (
     FetchSettings,
     OpFailure,
     Resume,
+    SourceChanged,
     Transient,
     Validator,
     opener_for,
@@ -79,9 +80,14 @@ class Meter:
     def __init__(self, minimum: int, window: float) -> None:
         self.minimum = minimum
         self.window = window
-        self.started = time.monotonic()
-        self._samples: deque[tuple[float, int]] = deque([(self.started, 0)])
         self.moved = 0
+        self.restart()
+
+    def restart(self) -> None:
+        """A new window from now: time spent waiting for a slot or between two tries is the
+        agent's, not the source's."""
+        self.started = time.monotonic()
+        self._samples: deque[tuple[float, int]] = deque([(self.started, self.moved)])
 
     def add(self, count: int) -> None:
         self.moved += count
@@ -314,6 +320,7 @@ async def receive(
         nonlocal known
         async with opener(url, settings, resume) as source:
             known = source.validator
+            meter.restart()
             if source.start == 0 and writer.size:
                 await writer.restart()  # the source sends the whole image again
                 head.reset()
@@ -326,8 +333,10 @@ async def receive(
             async for data in source.chunks:
                 if not head.full and head.feed(data):
                     inspect(complete=False)  # a bad header stops the download at once
-                    if ticket is not None:
-                        await ticket.claim()  # the rest streams in a download slot (slots.py)
+                    if ticket is not None and await ticket.claim():
+                        meter.restart()  # the rest streams in a slot (slots.py)
+                elif ticket is not None and await ticket.keep_pace():
+                    meter.restart()
                 await writer.write(data)
                 if writer.size > limit:
                     raise too_big(writer.size)
@@ -355,6 +364,8 @@ async def receive(
                     if attempt > limits.retries:
                         raise OpFailure(exc.code, f"{exc.details} ({attempt} attempts)") from None
                     log.info("download of %s: %s; retrying", redact(url), exc.details)
+                    if isinstance(exc, SourceChanged):
+                        known = None  # not the same resource any more: from byte 0
                     resume = Resume(writer.size, known) if known and writer.size else None
                     await asyncio.sleep(_backoff(attempt, limits.backoff))
         inspect(complete=True)

@@ -118,6 +118,14 @@ class Work:
         )
         return AgentResult.stored_as(command, self.uuid, stored)
 
+    def _refuse_size(self, size: int, available: int) -> None:
+        if size > min(available, self.limits.max_image_size):
+            raise OpFailure(
+                ErrorCode.CAPACITY_EXCEEDED,
+                f"the template has {size} bytes; {available} are available"
+                f" and --max-image-size is {self.limits.max_image_size}",
+            )
+
     async def _inspect(self, path: Path, fmt: str) -> ImageFacts:
         return await inspect_image(path, fmt, max_virtual_size=self.limits.max_virtual_size)
 
@@ -137,6 +145,7 @@ class Work:
                 ticket=ticket,
             )
             try:
+                await ticket.hold()  # inspection runs in a slot, whatever the transfer's pace
                 for name, expected, got in (
                     ("md5", command.md5Sum, received.md5),
                     ("sha256", command.sha256Sum, received.sha256),
@@ -169,16 +178,15 @@ class Work:
                     progress=self._reporter(command),
                     limits=self.limits,
                 )
-                # Refused before a conversion of its whole virtual disk is paid for.
-                await check_virtual_size(source, command.sourceFormat, self.limits.max_virtual_size)
+                # Refused before a conversion of its whole virtual disk is paid for; a raw
+                # template is as large as its virtual disk, so its size is known already too.
+                virtual_size = await check_virtual_size(
+                    source, command.sourceFormat, self.limits.max_virtual_size
+                )
+                if command.format == "raw":
+                    self._refuse_size(virtual_size, capacity.available)
                 await flatten(source, command.sourceFormat, partial, command.format)
-                size = partial.stat().st_size
-                if size > min(capacity.available, self.limits.max_image_size):
-                    raise OpFailure(
-                        ErrorCode.CAPACITY_EXCEEDED,
-                        f"the template has {size} bytes; {capacity.available} are available"
-                        f" and --max-image-size is {self.limits.max_image_size}",
-                    )
+                self._refuse_size(partial.stat().st_size, capacity.available)
                 # Inspected before hashing: a refused template costs no pass over its bytes.
                 facts = await self._inspect(partial, command.format)
                 hashed = await hash_file(partial)

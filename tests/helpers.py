@@ -334,3 +334,15 @@ def with_cd001(data: bytes, size: int = 0x9000) -> bytes:
     image = bytearray(data.ljust(size, b"\0"))
     image[0x8000:0x8007] = b"\x01CD001\x01"
     return bytes(image)
+
+
+def luks1_header() -> bytes:
+    """A LUKS1 header as cryptsetup writes it (magic, version, cipher name and mode): what to
+    use when `qemu-img create -f luks` gives up, as it sometimes does on a loaded VM, because
+    it benchmarks the CPU for its key derivation ("Unable to get accurate CPU usage")."""
+    header = bytearray(4096)
+    header[0:8] = b"LUKS\xba\xbe\x00\x01"
+    header[8:11] = b"aes"
+    header[40:51] = b"xts-plain64"
+    header[72:78] = b"sha256"
+    return bytes(header)

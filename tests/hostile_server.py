@@ -19,6 +19,9 @@ Routes (NAME is a key of `blobs`, unique per test case; hits are counted per NAM
     - `gzip=1`: the body gzip-compressed with `Content-Encoding: gzip`, whatever the request's
       Accept-Encoding said.
     - `rate=BYTES_PER_S`: throttled, in ten steps a second.
+    - `broken206=1`: a Range request gets 206 whatever its If-Range says (a broken cache).
+    A NAME added with several versions (`add_versions`) serves version i to request i (the
+    last one from then on): a resource republished between two tries.
 - `/endless/NAME`: zeros without end and without a Content-Length (chunked), until the client
   goes away.
 - `/huge/NAME?length=N`: announces `Content-Length: N`, then sends 64 KiB of zeros every 50 ms
@@ -87,6 +90,7 @@ class Hit:
 class HostileServer:
     hosts: tuple[str, ...] = ("127.0.0.1",)
     blobs: dict[str, bytes] = field(default_factory=dict)
+    versions: dict[str, list[bytes]] = field(default_factory=dict)
     log: list[Hit] = field(default_factory=list)
     ports: dict[str, int] = field(default_factory=dict)
     _runner: web.AppRunner | None = None
@@ -136,6 +140,12 @@ class HostileServer:
         """Serve `data` as NAME; returns its md5."""
         self.blobs[name] = data
         return hashlib.md5(data).hexdigest()
+
+    def add_versions(self, name: str, *versions: bytes) -> list[str]:
+        """Serve version i to request i of NAME (the last one from then on); their md5s."""
+        self.blobs[name] = versions[0]
+        self.versions[name] = list(versions)
+        return [hashlib.md5(v).hexdigest() for v in versions]
 
     def hits(self, name: str | None = None, host: str | None = None) -> list[Hit]:
         return [
@@ -194,6 +204,9 @@ class HostileServer:
         hit = self._record(request, "blob")
         query = request.query
         data = self.blobs.get(hit.name)
+        if hit.name in self.versions:
+            versions = self.versions[hit.name]
+            data = versions[min(hit.index, len(versions) - 1)]
         if data is None:
             hit.status = 404
             return web.Response(status=404)
@@ -213,7 +226,8 @@ class HostileServer:
             headers["ETag"] = etag
             match = _RANGE.match(request.headers.get("Range", ""))
             if_range = request.headers.get("If-Range")
-            if match and int(match[1]) < len(data) and if_range in (None, etag):
+            unchanged = if_range in (None, etag) or query.get("broken206") == "1"
+            if match and int(match[1]) < len(data) and unchanged:
                 status, start = 206, int(match[1])
                 headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
         headers["Content-Length"] = str(len(data) - start)

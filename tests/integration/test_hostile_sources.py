@@ -28,7 +28,7 @@ import pytest
 import pytest_asyncio
 
 from tests.conftest import Agent, Stack, wait_for
-from tests.helpers import error_of, query_image, vmdk_descriptor, with_cd001
+from tests.helpers import error_of, luks1_header, query_image, vmdk_descriptor, with_cd001
 from tests.hostile_server import SECRET, HostileServer, ipv6_loopback_available
 
 KiB = 1 << 10
@@ -166,6 +166,7 @@ def qemu_img(*args: str, attempts: int = 5) -> None:
             return
         if attempt == attempts - 1:
             raise RuntimeError(f"qemu-img {' '.join(args)}: {result.stderr}")
+        time.sleep(0.2)
 
 
 def make(directory: Path, fmt: str, *options: str, size: str = "1M") -> bytes:
@@ -184,8 +185,14 @@ def disk_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
         "vhdx": make(directory, "vhdx"),
         "vdi": make(directory, "vdi"),
         "qed": make(directory, "qed"),
-        "luks": make(directory, "luks", "--object", "secret,id=s0,data=x", "-o", "key-secret=s0"),
     }
+    try:
+        images["luks"] = make(
+            directory, "luks", "--object", "secret,id=s0,data=x", "-o", "key-secret=s0"
+        )
+    except RuntimeError:
+        images["luks"] = luks1_header() + bytes(1 << 20)
+        print("qemu-img could not make a LUKS image here: a LUKS1 header made by hand stands in")
     flat = directory / "flat.vmdk"
     qemu_img("create", "-q", "-f", "vmdk", "-o", "subformat=monolithicFlat", str(flat), "1M")
     images["vmdk-descriptor"] = flat.read_bytes()  # the text descriptor alone
@@ -415,6 +422,65 @@ async def test_drip_feeds_do_not_hold_the_download_slots(
     for image_uuid in normal_uuids:
         await delete(stack, image_uuid)
     await assert_no_files(agent, image_uuids=tuple(drips.values()))
+
+
+async def test_a_download_waiting_for_a_slot_is_not_judged_slow(stack: Stack) -> None:
+    """The time a healthy download waits for a slot (or between two tries) is the agent's, not
+    its source's: queued 5 s behind another with a 2 s throughput window, it is still Ready
+    (judged from its wait, its first megabyte would be 0.2 MB/s, below the 0.3 minimum)."""
+    agent = await stack.start_agent(
+        "bs1", "--max-downloads", "1", "--throughput-window", "2", "--min-throughput", "300000"
+    )
+    _, slow_md5 = stack.http.add("first.raw", os.urandom(10 * MiB))
+    _, fast_md5 = stack.http.add("second.raw", os.urandom(1 * MiB))
+    first = asyncio.create_task(
+        add(stack, agent, stack.http.url(f"slow/first.raw?rate={2 * MiB}"), "first")
+    )
+
+    async def first_streaming() -> bool:
+        rows = await images_named(stack, "first")
+        return bool(rows) and stack.http.hits.get("first.raw", 0) > 0
+
+    await wait_for(first_streaming, timeout=20)
+    await asyncio.sleep(0.5)  # its head is in: it holds the one slot for about 5 s
+    reply, second_uuid = await add(stack, agent, stack.http.url("files/second.raw"), "second")
+    await assert_ready(reply, fast_md5)
+    first_reply, first_uuid = await first
+    await assert_ready(first_reply, slow_md5)
+    for image_uuid in (first_uuid, second_uuid):
+        await delete(stack, image_uuid)
+    await assert_no_files(agent)
+
+
+async def test_a_source_republished_between_two_tries_is_fetched_again_whole(
+    stack: Stack, hostile: HostileServer
+) -> None:
+    """Dropped half way, then the resource changes: a correct server answers the If-Range with
+    the whole new version (200), a broken cache with a 206 of the new one (another ETag). Either
+    way the agent starts again from byte 0 and stores the new version, never a splice."""
+    agent = await stack.start_agent("bs1")
+    size = 16 * MiB  # dropped at 8 MiB: aiohttp may drop up to 2 MiB it had buffered
+
+    async def republished(name: str, broken: bool) -> None:
+        _, new_md5 = hostile.add_versions(name, os.urandom(size), os.urandom(size))
+        query = {"drops": str(size // 2)} | ({"broken206": "1"} if broken else {})
+        reply, image_uuid = await add(stack, agent, hostile.url("blob", name, **query), name)
+        await assert_ready(reply, new_md5)
+        hits = hostile.hits(name)
+        assert hits[1].range and hits[1].headers.get("If-Range"), hits
+        if broken:  # the 206 was refused; the third try asked for all of it
+            assert [h.status for h in hits] == [200, 206, 200] and not hits[2].range, hits
+        else:  # the server itself answered the second try with the whole new version
+            assert [h.status for h in hits] == [200, 200], hits
+        await delete(stack, image_uuid)
+
+    await run_cases(
+        {
+            "If-Range honoured": republished("honest", False),
+            "206 of another version": republished("broken", True),
+        }
+    )
+    await assert_no_files(agent)
 
 
 # --- where the agent may connect ------------------------------------------------------------

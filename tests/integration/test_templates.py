@@ -1394,3 +1394,38 @@ async def test_an_sftp_source_on_a_denied_address_is_never_contacted(
         reply = await root_template(stack, vol, resourceUuid=image_uuid)
         await assert_failed_and_gone(stack, reply, image_uuid, [agent], "URL_NOT_ALLOWED")
         assert host.connections == []
+
+
+async def test_a_backing_file_of_a_probed_or_foreign_format_is_refused(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """A layer whose backing format is not named is probed by qemu: a VMDK descriptor there
+    (inside the volume root) would make the conversion read any file its extent names. Both
+    that and a backing file named as vmdk are UNSAFE_IMAGE, and the secret is never copied."""
+    vroot = tmp_path / "vols"
+    vroot.mkdir()
+    outside = tmp_path / "host-private"
+    outside.mkdir()
+    secret = os.urandom(MiB)
+    (outside / "secret.bin").write_bytes(secret)
+    (vroot / "desc.vmdk").write_bytes(vmdk_descriptor(str(outside / "secret.bin")))
+    probed = vroot / "probed.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "desc.vmdk", "-F", "raw", str(probed), "1M")
+    header = bytearray(probed.read_bytes())
+    at = header.find(b"\xe2\x79\x2a\xca")  # the backing-format header extension: removed
+    assert at > 0
+    header[at : at + 4] = bytes(4)
+    probed.write_bytes(header)
+    named = vroot / "named.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "desc.vmdk", "-F", "vmdk", str(named), "1M")
+    agent = await stack.start_agent("bs1", "--volume-root", str(vroot))
+    for volume in (probed, named):
+        vol = await add_volume(stack, f"file://{volume}")
+        image_uuid = uuid.uuid4().hex
+        reply = await root_template(stack, vol, resourceUuid=image_uuid)
+        leaked = [
+            p for p in agent.root.rglob("*") if p.is_file() and secret[:4096] in p.read_bytes()
+        ]
+        assert leaked == [], f"the host file was copied into {leaked}"
+        await assert_failed_and_gone(stack, reply, image_uuid, [agent], None)
+        assert reply["error"]["code"] in ("UNSAFE_IMAGE", "URL_NOT_ALLOWED"), reply

@@ -336,3 +336,95 @@ async def test_a_cancelled_qemu_img_is_killed_at_once(
     assert time.monotonic() - started < 5
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+# --- found in review ------------------------------------------------------------------------
+
+
+def test_cloud_metadata_outside_link_local_is_denied_by_default() -> None:
+    assert "metadata" in (DEFAULT.refusal("fd00:ec2::254") or "")
+    assert "metadata" in (DEFAULT.refusal("100.100.100.200") or "")
+    assert DEFAULT.refusal("fd00:ec2::253") is None  # the range itself stays allowed
+    assert NetworkPolicy.of(allow="100.100.100.200/32").refusal("100.100.100.200") is None
+
+
+def test_a_connection_is_refused_only_when_every_address_was() -> None:
+    from backup_agent.fetchers import AddressRefused, _Guard
+
+    guard = _Guard(NetworkPolicy.of(deny="10.0.0.0/8"))
+    guard.begin()
+    with pytest.raises(AddressRefused):
+        guard.check("10.0.0.5")
+    guard.check("192.0.2.1")  # allowed, and then down: a connection error, not a refusal
+    assert guard.refusal() is None
+    guard.begin()  # the next attempt (a redirect, say) starts its own record
+    with pytest.raises(AddressRefused):
+        guard.check("10.1.2.3")
+    refusal = guard.refusal()
+    assert refusal is not None and refusal.code is ErrorCode.URL_NOT_ALLOWED
+    assert "10.1.2.3" in refusal.details and "10.0.0.5" not in refusal.details
+
+
+def test_details_drop_invisible_characters_and_stay_within_2_kib_of_utf8(tmp_path: Path) -> None:
+    private = tmp_path / ".agent"
+    text = public_details("evil\u202egnp.exe\u2028next\u200bline\nsecond", private)
+    assert "\u202e" not in text and "\u2028" not in text and "\u200b" not in text
+    assert "second" in text
+    assert len(public_details("é" * 5000, private).encode()) <= 2048
+
+
+async def test_qemu_img_output_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from backup_agent import inspection
+
+    fake = tmp_path / "qemu-img"
+    fake.write_text("#!/bin/sh\nexec head -c 3000000 /dev/zero\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(
+        inspection.shutil, "which", lambda name: str(fake) if name == "qemu-img" else None
+    )
+    with pytest.raises(OpFailure) as excinfo:
+        await inspection.run_qemu_img("info")
+    assert "more than" in excinfo.value.details
+
+
+async def test_a_download_that_lost_its_slot_queues_again_once_it_is_fast(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(slots_module, "YIELD_AFTER", 0.1)
+    monkeypatch.setattr(slots_module, "TICK", 0.02)
+    slots = Slots(1, min_throughput=1000)
+    async with slots.download() as paused:
+        await paused.claim()
+        waiter = asyncio.create_task(_enter_and_hold(slots, 1.0))
+        await asyncio.sleep(0.3)  # moves nothing: the waiter gets the slot
+        assert not paused.holding
+        paused.add(10_000)  # fast again: it must wait its turn
+        started = time.monotonic()
+        assert await paused.keep_pace() is True
+        assert paused.holding and time.monotonic() - started > 0.1
+        await waiter
+        await paused.hold()  # inspection: kept to the end
+        assert paused.holding and not paused.preemptible
+
+
+async def _enter_and_hold(slots: Slots, seconds: float) -> None:
+    """Hold a slot for `seconds`, moving bytes fast enough to keep it."""
+    async with slots.download() as ticket:
+        await ticket.claim()
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            ticket.add(1000)
+            await asyncio.sleep(0.01)
+
+
+def test_the_meter_restarts_its_window_after_a_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [0.0]
+    monkeypatch.setattr(transfer_module.time, "monotonic", lambda: now[0])
+    meter = Meter(minimum=1000, window=10)
+    meter.add(5000)
+    now[0] += 120  # two minutes in the queue for a slot
+    meter.restart()
+    for _ in range(10):
+        now[0] += 1
+        meter.add(2000)  # 2000 bytes/s once it streams
+    assert meter.moved == 25000

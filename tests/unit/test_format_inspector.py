@@ -31,7 +31,7 @@ from backup_agent.format_inspector import (
     check_head,
     detect,
 )
-from tests.helpers import vmdk_descriptor, with_cd001
+from tests.helpers import luks1_header, vmdk_descriptor, with_cd001
 
 TIB = 1 << 40
 GIB = 1 << 30
@@ -93,13 +93,7 @@ def build_luks(d: Path) -> Path:
     made = create_with_key(d / "disk.luks", "luks", "16M", "key-secret=sec0", "iter-time=10")
     if made is not None:
         return made
-    # A LUKS1 header as cryptsetup writes it: magic, version, cipher name and mode.
-    header = bytearray(4096)
-    header[0:8] = b"LUKS\xba\xbe\x00\x01"
-    header[8:11] = b"aes"
-    header[40:51] = b"xts-plain64"
-    header[72:78] = b"sha256"
-    return write(d / "disk.luks", bytes(header))
+    return write(d / "disk.luks", luks1_header())
 
 
 def build_qcow2_luks(d: Path) -> Path:
