@@ -201,6 +201,10 @@ class Gate:
 
     opened: asyncio.Event = field(default_factory=asyncio.Event)
     reading: asyncio.Event = field(default_factory=asyncio.Event)
+    # Reads of files whose name contains 'drop': the first at or past this offset drops the
+    # connection instead (once); `offsets` records where each read of them started.
+    drop_once_at: int | None = None
+    offsets: list[int] = field(default_factory=list)
 
 
 class GatedSFTPServer(asyncssh.SFTPServer):
@@ -209,6 +213,12 @@ class GatedSFTPServer(asyncssh.SFTPServer):
         self._gate = gate
 
     async def read(self, file_obj: Any, offset: int, size: int) -> bytes:  # type: ignore[override]
+        if b"drop" in os.fsencode(file_obj.name):
+            self._gate.offsets.append(offset)
+            if self._gate.drop_once_at is not None and offset >= self._gate.drop_once_at:
+                self._gate.drop_once_at = None
+                self.connection.abort()
+                return b""
         if b"gated" in os.fsencode(file_obj.name):
             self._gate.reading.set()
             await self._gate.opened.wait()
@@ -1429,3 +1439,24 @@ async def test_a_backing_file_of_a_probed_or_foreign_format_is_refused(
         assert leaked == [], f"the host file was copied into {leaked}"
         await assert_failed_and_gone(stack, reply, image_uuid, [agent], None)
         assert reply["error"]["code"] in ("UNSAFE_IMAGE", "URL_NOT_ALLOWED"), reply
+
+
+async def test_an_sftp_download_dropped_half_way_resumes_where_it_stopped(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """sftp resumes at the offset it had when the file's size and mtime are unchanged."""
+    remote = tmp_path / "remote"
+    remote.mkdir()
+    payload = os.urandom(16 * MiB)
+    (remote / "drop.raw").write_bytes(payload)
+    async with sftp_host(tmp_path) as host:
+        host.gate.drop_once_at = 8 * MiB
+        agent = await stack.start_agent("bs1", *host.agent_flags())
+        reply = await stack.add_image(
+            host.url(remote / "drop.raw"), [agent], name="dropped", format="raw"
+        )
+        assert reply["success"], reply
+        assert reply["inventory"]["md5Sum"] == hashlib.md5(payload).hexdigest()
+        assert len(host.connections) == 2, host.connections
+        # Only the first connection read from offset 0: the second went on where it stopped.
+        assert host.gate.offsets.count(0) == 1, host.gate.offsets
