@@ -37,8 +37,6 @@ FORMATS = frozenset({"qcow2", "raw"})
 # The virtual size of the whole volume is checked once (check_virtual_size); a layer's own
 # head check needs no limit of its own.
 MAX_LAYER_VIRTUAL_SIZE = 1 << 62
-
-
 HASH_CHUNK = 16 << 20
 
 

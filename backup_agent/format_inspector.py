@@ -26,6 +26,7 @@ chose): they name the format found and numbers from the header, nothing else.
 from __future__ import annotations
 
 import re
+import struct
 from dataclasses import dataclass
 from typing import Final
 
@@ -293,7 +294,14 @@ def detect(head: bytes) -> Detected:
     return Detected("raw", "no known disk image format" if head else "empty file")
 
 
-def check_head(head: bytes, declared: str, *, max_virtual_size: int, complete: bool) -> Detected:
+def check_head(
+    head: bytes,
+    declared: str,
+    *,
+    max_virtual_size: int,
+    complete: bool,
+    file_size: int | None = None,
+) -> Detected:
     """The detected format of ``head`` when it may be stored as ``declared``; else UnsafeContent.
 
     ``complete`` says whether ``head`` is the whole file. A caller that has not yet seen
@@ -306,6 +314,10 @@ def check_head(head: bytes, declared: str, *, max_virtual_size: int, complete: b
     - ``qcow2``: a qcow2 v2 or v3 with a sane header that names no backing file, no external
       data file and no encryption, and whose features this inspector knows.
     - any: a virtual size in the header above ``max_virtual_size`` is refused.
+
+    With ``file_size`` (the stored file's), a qcow2 whose L1 or refcount table the header
+    places past the end of the file is refused as truncated: ``qemu-img check`` reads such a
+    table as zeros and finds nothing wrong.
     """
     if declared not in DECLARED_FORMATS:
         raise ValueError(f"unknown declared format {declared!r}")
@@ -316,6 +328,8 @@ def check_head(head: bytes, declared: str, *, max_virtual_size: int, complete: b
     found = detect(head)
     if declared == "qcow2":
         _check_qcow2(head, found)
+        if file_size is not None:
+            _check_qcow2_tables_within(head, file_size)
     elif found.format not in ("raw", "iso"):
         raise UnsafeContent(
             f"declared {declared} but the content is {found.format} ({found.description})"
@@ -370,6 +384,18 @@ def _check_qcow2(head: bytes, found: Detected) -> None:
     else:
         header_length = _check_qcow2_v3_fields(head, cluster_size)
     _check_qcow2_extensions(head, header_length, cluster_size)
+
+
+def _check_qcow2_tables_within(head: bytes, file_size: int) -> None:
+    l1_size, l1_offset, refcount_offset = struct.unpack_from(">IQQ", head, 36)
+    if l1_size and l1_offset + 8 * l1_size > file_size:
+        missing = "its L1 table"
+    elif refcount_offset + 8 > file_size:
+        # Only the table's first entry must exist: qemu need not write the rest of its clusters.
+        missing = "its refcount table"
+    else:
+        return
+    raise UnsafeContent(f"the qcow2 image is truncated: {missing} lies beyond the end of the file")
 
 
 def _check_qcow2_v3_fields(head: bytes, cluster_size: int) -> int:

@@ -6,15 +6,15 @@ semaphore slots four drip-fed sources held every slot and a healthy image waited
 
 So a download first connects and reads the head of its image (64 KiB, which the format
 inspector needs anyway) outside the slots, and claims a slot only to stream the rest: a drip
-feed never gets that far quickly, so it never takes a slot from a healthy source. And a slot
-holder that has moved less than `--min-throughput` during its last second, while another
-download waits, gives its slot to that one and goes on outside the slots: its source keeps its
+feed never gets that far quickly, so it never takes a slot from a healthy source. A slot holder
+that has moved less than `--min-throughput` during its last second, while another download
+waits, gives its slot to that one and goes on outside the slots: its source keeps its
 connection and may still finish (the `--min-throughput` average over a window judges it in
-transfer.py), but queues for a slot again as soon as it is fast again, so pausing once wins a
-source no full-speed transfer outside the slots. What follows a transfer (qemu-img info and
-check) holds a slot to the end. Outside the slots is bounded too (`overflow` downloads at most), so a flood of
-slow sources queues instead of opening sockets without end. Template creations hold their slot
-to the end: their cost is qemu-img's, not a network's.
+transfer.py), but it queues for a slot again as soon as it is fast again, so pausing once wins
+a source no full-speed transfer outside the slots. Outside the slots is bounded too
+(`overflow` downloads at most), so a flood of slow sources queues instead of opening sockets
+without end. What follows a transfer (qemu-img info and check) and template creations hold
+their slot to the end: their cost is qemu-img's, not a network's.
 """
 
 from __future__ import annotations
@@ -78,7 +78,6 @@ class Ticket:
 
 class Slots:
     def __init__(self, size: int, min_throughput: int, *, overflow: int | None = None) -> None:
-        self.size = size
         self.min_throughput = min_throughput
         self._free = size
         self._waiters: deque[tuple[asyncio.Future[None], Ticket]] = deque()
@@ -170,6 +169,4 @@ class Slots:
                 rate = (ticket.moved - ticket.mark_moved) / (now - ticket.mark_time)
                 if rate < self.min_throughput:
                     self._release(ticket)  # the transfer goes on, outside the slots
-                    ticket.restart_mark(now)  # keep_pace counts from here
-                else:
-                    ticket.restart_mark(now)
+                ticket.restart_mark(now)  # the next second is judged (or keep_pace counts) anew

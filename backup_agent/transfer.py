@@ -43,6 +43,7 @@ from image_service.protocol.errors import ErrorCode
 
 MIN_CHUNK = 4 << 20
 IN_FLIGHT = 3
+METER_SAMPLES = 64
 LANES = ("md5", "sha256", "write")
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 SYNC_EVERY = 256 << 20
@@ -75,7 +76,8 @@ class Limits:
 
 class Meter:
     """Judges a source's throughput over the last `window` seconds: slower than `minimum`
-    bytes a second over a whole window fails the download."""
+    bytes a second over a whole window fails the download. It keeps a sample per 1/64 of the
+    window at most, not one per chunk: a fast source sends thousands of chunks a second."""
 
     def __init__(self, minimum: int, window: float) -> None:
         self.minimum = minimum
@@ -93,7 +95,8 @@ class Meter:
         self.moved += count
         now = time.monotonic()
         samples = self._samples
-        samples.append((now, self.moved))
+        if now - samples[-1][0] >= self.window / METER_SAMPLES:
+            samples.append((now, self.moved))
         # Keep one sample at or before the window's start, and none older.
         while len(samples) > 2 and samples[1][0] <= now - self.window:
             samples.popleft()
@@ -300,7 +303,7 @@ async def receive(
             ErrorCode.CAPACITY_EXCEEDED, f"the image has {size} bytes; {available} are available"
         )
 
-    def inspect(complete: bool) -> None:
+    def inspect() -> None:
         if declared_format is None:
             return
         try:
@@ -308,7 +311,7 @@ async def receive(
                 head.head,
                 declared_format,
                 max_virtual_size=limits.max_virtual_size,
-                complete=complete,
+                complete=False,
             )
         except UnsafeContent as exc:
             raise OpFailure(ErrorCode.UNSAFE_IMAGE, str(exc)) from None
@@ -332,7 +335,7 @@ async def receive(
             last_report = time.monotonic()
             async for data in source.chunks:
                 if not head.full and head.feed(data):
-                    inspect(complete=False)  # a bad header stops the download at once
+                    inspect()  # a bad header stops the download at once
                     if ticket is not None and await ticket.claim():
                         meter.restart()  # the rest streams in a slot (slots.py)
                 elif ticket is not None and await ticket.keep_pace():
@@ -368,7 +371,7 @@ async def receive(
                         known = None  # not the same resource any more: from byte 0
                     resume = Resume(writer.size, known) if known and writer.size else None
                     await asyncio.sleep(_backoff(attempt, limits.backoff))
-        inspect(complete=True)
+        # A file shorter than the head is judged whole by the inspection of the stored file.
         return await writer.finish()
     except TimeoutError:
         await _discard(writer, destination)

@@ -89,12 +89,9 @@ class Work:
         size: int,
         md5: str,
         sha256: str,
-        facts: ImageFacts | None = None,
+        facts: ImageFacts,
     ) -> AgentResult:
-        """Inspect a finished partial file (unless `facts` says it was) and move it into place;
-        the op's result."""
-        if facts is None:
-            facts = await self._inspect(partial, command.format)
+        """Move an inspected partial file into place; the op's result."""
         # A stored file is never replaced (only a delete of its image removes it), except by
         # the op that was moving it into place when the agent stopped, resumed now.
         if final.exists() and not self._was_placing(command.opId, final):
@@ -154,8 +151,9 @@ class Work:
                         raise OpFailure(
                             ErrorCode.CHECKSUM_MISMATCH, f"expected {name} {expected}, got {got}"
                         )
+                facts = await self._inspect(partial, command.format)
                 return await self._store(
-                    command, partial, final, received.size, received.md5, received.sha256
+                    command, partial, final, received.size, received.md5, received.sha256, facts
                 )
             except BaseException:
                 partial.unlink(missing_ok=True)

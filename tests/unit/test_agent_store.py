@@ -13,7 +13,11 @@ import pytest
 from backup_agent.agent import Agent
 from backup_agent.config import AgentSettings
 from backup_agent.fetchers import OpFailure
+from backup_agent.inspection import ImageFacts
 from image_service.protocol.agent import DownloadCommand
+
+# What inspection found; these tests are about placing the file, not about inspecting it.
+FACTS = ImageFacts(virtual_size=5000, actual_size=8192)
 
 
 def command(root: Path, image: str, op_id: str) -> DownloadCommand:
@@ -42,7 +46,7 @@ async def store(agent: Agent, cmd: DownloadCommand, data: bytes) -> Path:
     partial.write_bytes(data)
     final = agent.layout.resolve_install_path(cmd.installPath, cmd.imageUuid)
     agent.journal.begin(cmd.opId, cmd.model_dump(mode="json"))
-    await agent.work._store(cmd, partial, final, len(data), "0" * 32, "0" * 64)
+    await agent.work._store(cmd, partial, final, len(data), "0" * 32, "0" * 64, FACTS)
     return final
 
 
@@ -65,5 +69,5 @@ def test_an_op_resumed_after_a_crash_in_its_move_may_finish_it(agent: Agent) -> 
     agent.journal.placing(cmd.opId, cmd.model_dump(mode="json"), str(final))  # as at the crash
     partial = agent.layout.partial_path(cmd.opId)
     partial.write_bytes(b"image" * 1000)
-    result = asyncio.run(agent.work._store(cmd, partial, final, 5000, "0" * 32, "0" * 64))
+    result = asyncio.run(agent.work._store(cmd, partial, final, 5000, "0" * 32, "0" * 64, FACTS))
     assert result.success and final.read_bytes() == b"image" * 1000
