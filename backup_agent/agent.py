@@ -23,7 +23,7 @@ from backup_agent.config import AgentSettings
 from backup_agent.conversion import remove_tree
 from backup_agent.fetchers import OpFailure
 from backup_agent.journal import Entry, Journal
-from backup_agent.layout import Layout
+from backup_agent.layout import Gauge, Layout
 from backup_agent.work import Work
 from image_service.protocol.agent import (
     AgentCommand,
@@ -81,6 +81,7 @@ class Agent:
     async def start(self) -> None:
         self.layout.prepare()
         self.uuid = self.layout.identity(self.settings.backup_storage_uuid)
+        self.gauge = Gauge(self.layout, self.settings.capacity)
         self.work = self._make_work()
         await self.bus.connect()
         await self.bus.declare_agent_topology(self.uuid)
@@ -230,8 +231,17 @@ class Agent:
     # --- publishing ----------------------------------------------------------------------
 
     async def _publish_result(self, entry: Entry) -> None:
+        """Publish a journalled result with the capacity measured now, after its op (and
+        after any op that finished since: the service keeps the latest measurement)."""
         assert entry.result is not None
-        body = entry.result.to_json()
+        capacity = await self.gauge.measure()
+        body = entry.result.model_copy(
+            update={
+                "totalCapacity": capacity.total,
+                "availableCapacity": capacity.available,
+                "capacitySeq": capacity.seq,
+            }
+        ).to_json()
         delay = 0.5
         while True:
             try:
@@ -264,7 +274,7 @@ class Agent:
 
     async def _beat(self) -> None:
         interval = self.settings.heartbeat_interval
-        capacity = await asyncio.to_thread(self.layout.capacity, self.settings.capacity)
+        capacity = await self.gauge.measure()
         beat = Heartbeat(
             uuid=self.uuid,
             name=self.settings.name,
@@ -274,6 +284,7 @@ class Agent:
             availableCapacity=capacity.available,
             heartbeatInterval=interval,
             sentAt=time.time(),
+            capacitySeq=capacity.seq,
         )
         await self.bus.publish(
             self.names.agent_messages,

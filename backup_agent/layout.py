@@ -8,6 +8,7 @@ ROOT/.agent/partial/<opId>                   downloads in progress, never under 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -47,6 +48,8 @@ def fsync_dir(path: Path) -> None:
 class Capacity:
     total: int
     available: int
+    # Orders measurements (Gauge): the service keeps the one with the largest.
+    seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +92,19 @@ class Layout:
         write_atomically(path, json.dumps({"uuid": new}).encode())
         return new
 
+    def next_incarnation(self) -> int:
+        """A number larger than at any earlier start of this agent (kept in the directory)."""
+        path = self.state / "incarnation.json"
+        previous = 0
+        if path.exists():
+            try:
+                previous = int(json.loads(path.read_text())["incarnation"])
+            except (ValueError, KeyError, TypeError):
+                previous = 0
+        current = previous + 1
+        write_atomically(path, json.dumps({"incarnation": current}).encode())
+        return current
+
     def partial_path(self, op_id: str) -> Path:
         return self.partial / str(uuid.UUID(op_id))
 
@@ -127,3 +143,29 @@ class Layout:
             return Capacity(total=usage.total, available=usage.free)
         used = self.used_bytes()
         return Capacity(total=quota, available=max(0, min(usage.free, quota - used)))
+
+
+class Gauge:
+    """Measures this backup storage's capacity, one measurement at a time, each numbered
+    (`Capacity.seq`) after every earlier one, across restarts too: heartbeats and results
+    carry it, and the service keeps only a newer measurement than the one it has, so a
+    heartbeat measured before an op never undoes the result measured after it."""
+
+    COUNTER_BITS = 32
+
+    def __init__(self, layout: Layout, quota: int | None) -> None:
+        self.layout = layout
+        self.quota = quota
+        self._lock = asyncio.Lock()
+        self._incarnation = layout.next_incarnation()
+        self._count = 0
+
+    async def measure(self) -> Capacity:
+        async with self._lock:
+            self._count += 1
+            if self._count >= 1 << self.COUNTER_BITS:
+                self._incarnation = await asyncio.to_thread(self.layout.next_incarnation)
+                self._count = 1
+            seq = (self._incarnation << self.COUNTER_BITS) | self._count
+            measured = await asyncio.to_thread(self.layout.capacity, self.quota)
+            return Capacity(measured.total, measured.available, seq)

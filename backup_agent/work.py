@@ -27,6 +27,8 @@ from image_service.protocol.agent import (
     CreateCommand,
     DeleteCommand,
     DownloadCommand,
+    FileFacts,
+    InspectCommand,
     StoredFile,
 )
 from image_service.protocol.errors import ErrorCode
@@ -67,9 +69,11 @@ class Work:
             return await self._download(command)
         if isinstance(command, CreateCommand):
             return await self._create(command)
+        if isinstance(command, InspectCommand):
+            return await self._inspect_stored(command)
         return await self._delete(command)
 
-    def _target(self, command: DownloadCommand | CreateCommand) -> Path:
+    def _target(self, command: DownloadCommand | CreateCommand | InspectCommand) -> Path:
         try:
             return self.layout.resolve_install_path(command.installPath, command.imageUuid)
         except PathRejected as exc:
@@ -196,6 +200,35 @@ class Work:
                 raise
             finally:
                 remove_tree(workdir)
+
+    async def _inspect_stored(self, command: InspectCommand) -> AgentResult:
+        """Measure a stored file, and hash it when asked (RecoverImage): the service compares
+        the checksums with the image's. A file that is gone is RESOURCE_NOT_FOUND, which makes
+        the service drop the reference; the file is never changed here."""
+        path = self._target(command)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise OpFailure(
+                ErrorCode.RESOURCE_NOT_FOUND, f"{command.installPath} is gone"
+            ) from None
+        # Hashing reads the whole file: it takes a slot like a transfer.
+        async with self.slots.exclusive():
+            facts = await self._inspect(path, command.format)
+            md5 = sha256 = None
+            if command.checksums and command.size in (None, size):
+                hashed = await hash_file(path)
+                size, md5, sha256 = hashed.size, hashed.md5, hashed.sha256
+        inspected = FileFacts(
+            size=size,
+            actualSize=facts.actual_size,
+            virtualSize=facts.virtual_size,
+            md5Sum=md5,
+            sha256Sum=sha256,
+        )
+        return AgentResult(
+            opId=command.opId, backupStorageUuid=self.uuid, success=True, inspected=inspected
+        )
 
     async def _delete(self, command: DeleteCommand) -> AgentResult:
         for cancel_id in command.cancelOpIds:

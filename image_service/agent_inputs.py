@@ -119,6 +119,7 @@ class AgentInputs:
                 available_capacity=beat.availableCapacity,
                 heartbeat_interval=beat.heartbeatInterval,
                 agent_user=user,
+                capacity_seq=beat.capacitySeq,
             )
             if inserted is None:
                 log.info(

@@ -18,6 +18,9 @@ class ImageStatus(StrEnum):
     Creating = "Creating"
     Downloading = "Downloading"
     Ready = "Ready"
+    # Deleted under the Delay or Never deletion policy: its files stay until an expunge, and
+    # RecoverImage can make it Ready again (contract section 10).
+    Deleted = "Deleted"
 
 
 # The status of an image on one backup storage: the same values, in the same ENUM, as the image's.
@@ -39,6 +42,8 @@ class OpKind(StrEnum):
     download = "download"
     create = "create"
     delete = "delete"
+    # Measure (and, to recover it, hash) a stored file: RecoverImage, SyncImageSize.
+    inspect = "inspect"
 
 
 class BackupStorageStatus(StrEnum):
@@ -77,21 +82,37 @@ class Machine(Generic[S]):
 _IS, _OS = ImageStatus, OpStatus
 _BS, _ST, _IM = BackupStorageStatus, BackupStorageState, ImageState
 
-# An image (and each of its references) is born Downloading (from a url) or Creating (from a
-# volume or snapshot) and becomes Ready once; failure or deletion removes the row instead of
-# moving it to another status.
+# An image is born Downloading (from a url) or Creating (from a volume or snapshot) and becomes
+# Ready once one of its references is; failure or a Direct deletion removes the row instead of
+# moving it to another status. Under the Delay and Never deletion policies an image turns
+# Deleted when every reference is (while still Downloading, too, when a reference stored before
+# the deletion is kept), and Ready again when RecoverImage brings one back; an expunge of its
+# last reference removes it.
 IMAGE_STATUS = Machine(
     "image status",
     "image_status",
     ImageStatus,
     {
-        _IS.Downloading: frozenset({_IS.Ready}),
-        _IS.Creating: frozenset({_IS.Ready}),
-        _IS.Ready: frozenset(),
+        _IS.Downloading: frozenset({_IS.Ready, _IS.Deleted}),
+        _IS.Creating: frozenset({_IS.Ready, _IS.Deleted}),
+        _IS.Ready: frozenset({_IS.Deleted}),
+        _IS.Deleted: frozenset({_IS.Ready}),
     },
 )
-# A reference follows the same table (and so never disagrees with its image about it).
-REF_STATUS = Machine("reference status", "image_status", RefStatus, IMAGE_STATUS.transitions)
+# A reference: Ready once its file is stored; Deleted and back (RecoverImage) under the Delay
+# and Never policies. A reference still Downloading or Creating is never Deleted: deleting it
+# cancels the work and removes it.
+REF_STATUS = Machine(
+    "reference status",
+    "image_status",
+    RefStatus,
+    {
+        _IS.Downloading: frozenset({_IS.Ready}),
+        _IS.Creating: frozenset({_IS.Ready}),
+        _IS.Ready: frozenset({_IS.Deleted}),
+        _IS.Deleted: frozenset({_IS.Ready}),
+    },
+)
 # An op is the lease on one agent command: Pending until its result (or a cancellation).
 OP_STATUS = Machine(
     "op status",

@@ -11,43 +11,18 @@ from __future__ import annotations
 import logging
 import uuid
 
+from image_service.deletion import schedule_delete
 from image_service.errors import ErrorCode
 from image_service.lifecycle import OpKind, OpStatus
 from image_service.pipeline import Ctx
-from image_service.protocol.agent import AgentResult, DeleteCommand
-from image_service.settlement import settle_message
-from image_service.store.rows import OpRow
+from image_service.protocol.agent import AgentResult, FileFacts, InspectCommand
+from image_service.settlement import settle_image, settle_message
+from image_service.store.rows import OpRow, StoredFacts
+
+# The ops that create a reference's file: cancelling one removes its reference.
+CREATION = frozenset({OpKind.download, OpKind.create})
 
 log = logging.getLogger(__name__)
-
-
-async def schedule_delete(
-    ctx: Ctx,
-    image_uuid: str,
-    backup_storage_uuid: str,
-    install_path: str,
-    *,
-    message_id: str | None,
-    cancel_op_ids: list[str] | None = None,
-) -> None:
-    """Record and send a delete of one file; the reconciler re-sends it until it is done."""
-    op_id = uuid.uuid4()
-    command = DeleteCommand(
-        opId=str(op_id),
-        imageUuid=image_uuid,
-        backupStorageUuid=backup_storage_uuid,
-        installPath=install_path,
-        cancelOpIds=cancel_op_ids or [],
-    )
-    await ctx.tx.ops.insert(
-        op_id=op_id,
-        kind=OpKind.delete,
-        message_id=message_id,
-        image_uuid=image_uuid,
-        backup_storage_uuid=backup_storage_uuid,
-        command=command.model_dump(mode="json"),
-    )
-    await ctx.outbox.command(command)
 
 
 async def apply_result(ctx: Ctx, result: AgentResult, *, sender: str) -> None:
@@ -71,7 +46,16 @@ async def apply_result(ctx: Ctx, result: AgentResult, *, sender: str) -> None:
             owner,
         )
         return
+    capacity = result.capacity
+    if capacity is not None:
+        # Before the image lock: every transaction that locks both takes the backup storage's
+        # row first (DeleteBackupStorage, the monitor), so none waits for another in a cycle.
+        await ctx.tx.backup_storages.record_capacity(op.backup_storage_uuid, capacity)
     await ctx.tx.images.lock(op.image_uuid)  # serialise with other work on this image
+    if op.kind is OpKind.inspect:
+        await _apply_inspection(ctx, op, result)
+        await settle_message(ctx, op.message_id)
+        return
     stored = result.stored
     expected_path = str(op.command.get("installPath", ""))
     misplaced = False
@@ -119,7 +103,14 @@ async def apply_result(ctx: Ctx, result: AgentResult, *, sender: str) -> None:
     if finished is None:
         await _drop_stale(ctx, op, result)
         return
-    if op.kind is not OpKind.delete:
+    if op.kind is OpKind.delete:
+        # An expunge: its reference goes now that the file is gone (a Direct delete's went
+        # when it was asked, and has no claim to remove).
+        if await ctx.tx.images.remove_claimed_ref(
+            image_uuid=op.image_uuid, backup_storage_uuid=op.backup_storage_uuid, op_id=op_id
+        ):
+            await settle_image(ctx, op.image_uuid)
+    else:
         if stored is not None:
             marked = await ctx.tx.images.mark_ref_ready(
                 image_uuid=op.image_uuid,
@@ -140,6 +131,96 @@ async def apply_result(ctx: Ctx, result: AgentResult, *, sender: str) -> None:
     await settle_message(ctx, op.message_id)
 
 
+def _mismatch(expected: StoredFacts | None, found: FileFacts) -> str | None:
+    """Why an inspected file is not the image's (None when it is)."""
+    if expected is None or expected.md5_sum is None:
+        return "the image has no recorded md5 to compare the file with"
+    if found.size != expected.size:
+        return f"the file has {found.size} bytes; the image has {expected.size}"
+    if found.md5Sum != expected.md5_sum:
+        return f"the file's md5 is {found.md5Sum}; the image's is {expected.md5_sum}"
+    if expected.sha256_sum is not None and found.sha256Sum != expected.sha256_sum:
+        return f"the file's sha256 is {found.sha256Sum}; the image's is {expected.sha256_sum}"
+    return None
+
+
+async def _apply_inspection(ctx: Ctx, op: OpRow, result: AgentResult) -> None:
+    """An inspect's result. A recovery turns its Deleted reference Ready only when the file's
+    size and checksums are the image's; a file that is gone loses its reference (reported in
+    the reply's `causes`); any other failure leaves the reference Deleted. SyncImageSize
+    records the sizes measured."""
+    op_id = uuid.UUID(result.opId)
+    command = InspectCommand.model_validate(op.command, strict=False)
+    inspected = result.inspected
+    if result.success and inspected is None:
+        result = AgentResult.failed(
+            result.opId,
+            result.backupStorageUuid,
+            ErrorCode.OPERATION_ERROR,
+            "the agent reported an inspection without its findings",
+        )
+    elif result.success and inspected is not None and command.checksums:
+        mismatch = _mismatch(await ctx.tx.images.stored_facts(op.image_uuid), inspected)
+        if mismatch is not None:
+            result = AgentResult.failed(
+                result.opId,
+                result.backupStorageUuid,
+                ErrorCode.CHECKSUM_MISMATCH,
+                f"not recovered: {mismatch}; the reference stays Deleted",
+            )
+    finished = await ctx.tx.ops.finish(
+        op_id=op_id,
+        status=OpStatus.Succeeded if result.success else OpStatus.Failed,
+        result=result.model_dump(mode="json", exclude_none=True),
+        error_code=None if result.success else result.error_code.value,
+        error_details=None if result.success else (result.details or "failed on the agent"),
+    )
+    if finished is None:
+        return  # late or duplicate
+    key = {"image_uuid": op.image_uuid, "backup_storage_uuid": op.backup_storage_uuid}
+    if not command.checksums:
+        if result.success and inspected is not None:
+            await ctx.tx.images.set_sizes(
+                uuid=op.image_uuid,
+                size=inspected.size,
+                actual_size=inspected.actualSize,
+                virtual_size=inspected.virtualSize,
+            )
+        return
+    if result.success:
+        if await ctx.tx.images.recover_ref(**key, op_id=op_id):
+            await settle_image(ctx, op.image_uuid)
+    elif result.error_code is ErrorCode.RESOURCE_NOT_FOUND:
+        if await ctx.tx.images.remove_claimed_ref(**key, op_id=op_id):
+            await settle_image(ctx, op.image_uuid)
+    else:
+        await ctx.tx.images.release_ref(**key, op_id=op_id)
+
+
+async def fail_inspections(ctx: Ctx, ops: list[OpRow], code: ErrorCode, details: str) -> list[str]:
+    """Fail the Pending inspect ops in `ops` (their backup storage went away): a recovery's
+    reference stays Deleted. Returns the message ids waiting on them."""
+    messages: list[str] = []
+    for op in ops:
+        if op.kind is not OpKind.inspect:
+            continue
+        finished = await ctx.tx.ops.finish(
+            op_id=op.op_id,
+            status=OpStatus.Failed,
+            result=None,
+            error_code=code.value,
+            error_details=details,
+        )
+        if finished is None:
+            continue
+        await ctx.tx.images.release_ref(
+            image_uuid=op.image_uuid, backup_storage_uuid=op.backup_storage_uuid, op_id=op.op_id
+        )
+        if op.message_id:
+            messages.append(op.message_id)
+    return messages
+
+
 async def _drop_stale(ctx: Ctx, op: OpRow, result: AgentResult) -> None:
     """A late success for work that was cancelled: its file must not stay on disk."""
     log.info("stale result for op %s (%s) ignored", op.op_id, op.kind)
@@ -158,13 +239,14 @@ async def _drop_stale(ctx: Ctx, op: OpRow, result: AgentResult) -> None:
 async def cancel_ops(
     ctx: Ctx, ops: list[OpRow], code: ErrorCode, details: str, *, remove_files: bool = True
 ) -> list[str]:
-    """Fail the Pending download/create ops in `ops` and remove their refs and partial files.
+    """Fail the Pending download/create ops in `ops` (others are skipped) and remove their refs
+    and partial files.
 
     The caller holds the image locks. Returns the message ids that were waiting on them (to be
     settled by the caller once the rest of its transaction is done)."""
     messages: list[str] = []
     for op in ops:
-        if op.kind is OpKind.delete:
+        if op.kind not in CREATION:
             continue
         finished = await ctx.tx.ops.finish(
             op_id=op.op_id,
@@ -206,6 +288,15 @@ async def backup_storages_disconnected(ctx: Ctx, backup_storage_uuids: list[str]
         if op.kind is OpKind.delete:
             await ctx.tx.ops.detach_message(op.op_id)
             await settle_message(ctx, op.message_id)
+            continue
+        if op.kind is OpKind.inspect:
+            for message_id in await fail_inspections(
+                ctx,
+                [op],
+                ErrorCode.INVALID_STATE,
+                f"backup storage {op.backup_storage_uuid} disconnected before it answered",
+            ):
+                await settle_message(ctx, message_id)
             continue
         for message_id in await cancel_ops(
             ctx,

@@ -165,7 +165,9 @@ class CreateTemplateParams(Params):
 
 
 class CreateRootTemplateParams(CreateTemplateParams):
-    platform: Platform = Platform.Linux
+    # Not given: inherited from the root image of the volume (contract section 10), or
+    # Linux and none when it has none.
+    platform: Platform | None = None
     guestOsType: GuestOsType | None = None
     system: bool = False
 
@@ -230,6 +232,31 @@ class CreateUserTag(Params):
 
 
 class DeleteTag(Params):
+    uuid: Uuid
+
+
+class UpdateGlobalConfig(Params):
+    category: Annotated[str, Field(min_length=1, max_length=64)]
+    name: Annotated[str, Field(min_length=1, max_length=128)]
+    # Text, as ZStack's; a number is taken as its decimal text (`"value": 3600`).
+    value: Annotated[str, Field(max_length=1024)] | Annotated[int, Field(ge=-(2**63), lt=2**63)]
+
+    @property
+    def text(self) -> str:
+        return str(self.value)
+
+
+class ExpungeImage(Params):
+    uuid: Uuid
+    backupStorageUuids: UuidList | None = None
+
+
+class RecoverImage(Params):
+    uuid: Uuid
+    backupStorageUuids: UuidList | None = None
+
+
+class SyncImageSize(Params):
     uuid: Uuid
 
 

@@ -73,6 +73,8 @@ class Entity:
     nested: dict[str, Nested] = field(default_factory=dict)
     # `__userTag__` conditions: the entity's user tags.
     tags: Nested | None = None
+    # The column a page is selected by (and its inventories then loaded by).
+    key_sql: str = "uuid"
 
 
 def _c(sql: str, kind: Kind, *choices: str, pg_enum: str | None = None) -> Column:
@@ -147,6 +149,20 @@ USER_TAG = Entity(
         "createDate": _c("create_date", Kind.DATE),
         "lastOpDate": _c("last_op_date", Kind.DATE),
     },
+)
+
+# Options are named by category and name; `id` (category.name) is their key.
+GLOBAL_CONFIG = Entity(
+    table="global_config",
+    columns={
+        "category": _c("category", Kind.TEXT),
+        "name": _c("name", Kind.TEXT),
+        "value": _c("value", Kind.TEXT),
+        "defaultValue": _c("default_value", Kind.TEXT),
+        "description": _c("description", Kind.TEXT),
+    },
+    default_order=("category", "name"),
+    key_sql="id",
 )
 
 IMAGE = Entity(
@@ -328,7 +344,7 @@ class CompiledQuery:
     fields: tuple[str, ...] | None
 
 
-def compile_query(entity: Entity, query: Query, key: str = "uuid") -> CompiledQuery:
+def compile_query(entity: Entity, query: Query) -> CompiledQuery:
     """Compile a query to `SELECT key ...` (one page) and `SELECT count(*) ...`."""
     compiler = _Compiler()
     where = [compiler.condition(entity, "a", cond) for cond in query.conditions]
@@ -342,7 +358,7 @@ def compile_query(entity: Entity, query: Query, key: str = "uuid") -> CompiledQu
         order.append(f"a.{entity.columns[query.sortBy].sql} {direction} NULLS LAST")
     for name in entity.default_order:
         order.append(f"a.{entity.columns[name].sql} ASC")
-    key_sql = entity.columns[key].sql
+    key_sql = entity.key_sql
     limit = compiler.bind(query.limit)
     offset = compiler.bind(query.start)
     select_sql = (

@@ -1,7 +1,7 @@
 """One replica of the image service: wires the store and the bus to the parts that do the work.
 
 `pipeline` runs API messages, `agent_inputs` results and heartbeats, `volume_events` the
-volume read model; `relay`, `monitor` and `pruning` are background loops, each safe to run in
+volume read model; `relay`, `monitor`, `pruning` and `expunger` are background loops, each safe to run in
 several replicas at once. Nothing here decides anything about images.
 """
 
@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable
 from image_service.agent_inputs import AgentInputs
 from image_service.api import APIS
 from image_service.config import ServiceSettings
+from image_service.expunger import Expunger
+from image_service.globalconfig import CONFIG_CHANNEL, DELETED_CHANNEL
 from image_service.monitor import Monitor, MonitorSettings
 from image_service.pipeline import Pipeline, Transactions
 from image_service.protocol.names import Names
@@ -59,10 +61,17 @@ class ImageService:
             ),
         )
         pruner = Pruner(transactions, retention=settings.retention, every=PRUNE_EVERY)
+        expunger = Expunger(transactions)
+
+        async def listen() -> None:
+            await store.listen([CONFIG_CHANNEL, DELETED_CHANNEL], expunger.wake)
+
         self._tasks = [
             asyncio.create_task(_forever("relay", self._relay.run)),
             asyncio.create_task(_forever("monitor", monitor.run)),
             asyncio.create_task(_forever("pruning", pruner.run)),
+            asyncio.create_task(_forever("expunger", expunger.run)),
+            asyncio.create_task(_forever("listener", listen)),
         ]
         agents = AgentInputs(transactions, self.bus, settings.agent_users)
         volumes = VolumeEvents(transactions)

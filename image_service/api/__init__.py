@@ -9,11 +9,15 @@ from __future__ import annotations
 
 from image_service import params
 from image_service.api.backup_storages import change_backup_storage_state, delete_backup_storage
+from image_service.api.config import query_global_config, update_global_config
 from image_service.api.creation import add_image
 from image_service.api.images import (
     change_image_state,
     delete_image,
+    expunge_image,
     get_image_source,
+    recover_image,
+    sync_image_size,
     update_image,
 )
 from image_service.api.queries import admit, query_backup_storage, query_image, query_user_tag
@@ -47,4 +51,9 @@ APIS: dict[str, Api] = {
     "CreateUserTag": Api(params.CreateUserTag, create_user_tag),
     "DeleteTag": Api(params.DeleteTag, delete_tag),
     "QueryUserTag": Api(params.Query, query_user_tag, read_only=True, admit=admit),
+    "ExpungeImage": Api(params.ExpungeImage, expunge_image),
+    "RecoverImage": Api(params.RecoverImage, recover_image),
+    "SyncImageSize": Api(params.SyncImageSize, sync_image_size),
+    "QueryGlobalConfig": Api(params.Query, query_global_config, read_only=True, admit=admit),
+    "UpdateGlobalConfig": Api(params.UpdateGlobalConfig, update_global_config),
 }

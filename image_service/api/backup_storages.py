@@ -5,12 +5,11 @@ from __future__ import annotations
 from image_service import params
 from image_service.api.creation import not_found
 from image_service.errors import ErrorCode
-from image_service.events import emit_deleted
-from image_service.inventory import backup_storage_inventory, image_inventory_of
+from image_service.inventory import backup_storage_inventory
 from image_service.lifecycle import BackupStorageState, OpKind, OpStatus
-from image_service.operations import cancel_ops
+from image_service.operations import cancel_ops, fail_inspections
 from image_service.pipeline import Ctx, Outcome
-from image_service.settlement import settle_message
+from image_service.settlement import settle_image, settle_message
 
 
 async def change_backup_storage_state(ctx: Ctx, p: params.ChangeBackupStorageState) -> Outcome:
@@ -24,8 +23,9 @@ async def change_backup_storage_state(ctx: Ctx, p: params.ChangeBackupStorageSta
 
 
 async def delete_backup_storage(ctx: Ctx, p: params.DeleteBackupStorage) -> Outcome:
-    """Forget a backup storage at once: its downloads fail, its deletes are dropped, its
-    references go, and an image left on no backup storage is deleted. Every image concerned
+    """Forget a backup storage at once: its downloads and inspections fail, its deletes are
+    dropped, its references go (Deleted ones too), and an image left on no backup storage is
+    deleted. Every image concerned
     is locked first, in uuid order (two such deletions never wait for each other in a cycle)."""
     if await ctx.tx.backup_storages.lock(p.uuid) is None:
         return {}
@@ -39,6 +39,9 @@ async def delete_backup_storage(ctx: Ctx, p: params.DeleteBackupStorage) -> Outc
         ErrorCode.OPERATION_ERROR,
         f"backup storage {p.uuid} was deleted",
         remove_files=False,
+    )
+    waiting += await fail_inspections(
+        ctx, ops, ErrorCode.OPERATION_ERROR, f"backup storage {p.uuid} was deleted"
     )
     for op in ops:
         if op.kind is OpKind.delete:
@@ -54,10 +57,7 @@ async def delete_backup_storage(ctx: Ctx, p: params.DeleteBackupStorage) -> Outc
     # Read again: a cancelled download's reference is gone, and its image is settled below.
     for ref in await ctx.tx.images.held_by(p.uuid):
         await ctx.tx.images.delete_ref(image_uuid=ref.image_uuid, backup_storage_uuid=p.uuid)
-        if not await ctx.tx.images.refs(ref.image_uuid):
-            inventory = await image_inventory_of(ctx.tx, ref.image_uuid)
-            await ctx.tx.images.delete(ref.image_uuid)
-            await emit_deleted(ctx, ref.image_uuid, inventory)
+        await settle_image(ctx, ref.image_uuid)
     await ctx.tx.backup_storages.delete(p.uuid)
     for message_id in waiting:
         await settle_message(ctx, message_id)

@@ -96,7 +96,9 @@ def admit(p: params.Query, wait: float) -> AbstractAsyncContextManager[None]:
     return _heavy.turn(wait) if is_heavy(p) else nullcontext()
 
 
-async def _query(ctx: Ctx, entity: Entity, p: params.Query, load: Loader) -> Outcome:
+async def query_entity(ctx: Ctx, entity: Entity, p: params.Query, load: Loader) -> Outcome:
+    """Run a query of the contract's language on `entity`; `load` turns a page of keys into
+    inventories in that order."""
     # Never more rows than a reply can carry, plus one to tell that there were more.
     compiled = compile_query(entity, p.model_copy(update={"limit": min(p.limit, MAX_PAGE + 1)}))
     timeout = ctx.query_timeout
@@ -135,7 +137,7 @@ def _in_order(keys: list[str], inventories: list[dict[str, Any]]) -> list[dict[s
 
 
 async def query_image(ctx: Ctx, p: params.Query) -> Outcome:
-    return await _query(ctx, IMAGE, p, lambda keys: image_inventories(ctx.tx, keys))
+    return await query_entity(ctx, IMAGE, p, lambda keys: image_inventories(ctx.tx, keys))
 
 
 async def query_backup_storage(ctx: Ctx, p: params.Query) -> Outcome:
@@ -143,7 +145,7 @@ async def query_backup_storage(ctx: Ctx, p: params.Query) -> Outcome:
         rows = await ctx.tx.backup_storages.inventory_rows(keys)
         return _in_order(keys, [backup_storage_inventory(row) for row in rows])
 
-    return await _query(ctx, BACKUP_STORAGE, p, load)
+    return await query_entity(ctx, BACKUP_STORAGE, p, load)
 
 
 async def query_user_tag(ctx: Ctx, p: params.Query) -> Outcome:
@@ -151,4 +153,4 @@ async def query_user_tag(ctx: Ctx, p: params.Query) -> Outcome:
         rows = await ctx.tx.tags.inventory_rows(keys)
         return _in_order(keys, [user_tag_inventory(row) for row in rows])
 
-    return await _query(ctx, USER_TAG, p, load)
+    return await query_entity(ctx, USER_TAG, p, load)

@@ -28,6 +28,31 @@ def _template_source(kind: str, row: TemplateSource) -> tuple[str, str]:
     return path, fmt
 
 
+async def _inherited(
+    ctx: Ctx,
+    kind: str,
+    source_uuid: str,
+    row: TemplateSource,
+    given: params.CreateRootTemplateParams | None,
+) -> tuple[str, str | None]:
+    """The template's platform and guestOsType: those given, else those of the root image of
+    the volume it is made from (contract section 10), else Linux and none. A root image that
+    is Deleted refuses the template (INVALID_STATE), as every other use of it."""
+    origin = await ctx.tx.images.origin(row.root_image_uuid) if row.root_image_uuid else None
+    if origin is not None and origin.status is ImageStatus.Deleted:
+        raise ApiError(
+            ErrorCode.INVALID_STATE,
+            f"the root image {row.root_image_uuid} of {kind} {source_uuid} is Deleted;"
+            " RecoverImage brings it back",
+        )
+    platform = given.platform.value if given and given.platform else None
+    guest_os_type = given.guestOsType if given else None
+    if origin is not None:
+        platform = platform or origin.platform
+        guest_os_type = guest_os_type if guest_os_type is not None else origin.guest_os_type
+    return platform or params.Platform.Linux.value, guest_os_type
+
+
 async def _create_template(
     ctx: Ctx,
     p: params.CreateTemplateParams,
@@ -52,6 +77,7 @@ async def _create_template(
     path, fmt = _template_source(kind, row)
     scheme = "volume" if kind == "volume" else "volumeSnapshot"
     root = p if isinstance(p, params.CreateRootTemplateParams) else None
+    platform, guest_os_type = await _inherited(ctx, kind, source_uuid, row, root)
     image = NewImageRow(
         uuid=p.resourceUuid or uuid.uuid4().hex,
         name=p.name,
@@ -59,8 +85,8 @@ async def _create_template(
         status=ImageStatus.Creating,
         url=f"{scheme}://{source_uuid}",
         media_type=media_type,
-        guest_os_type=root.guestOsType if root else None,
-        platform=root.platform.value if root else params.Platform.Linux.value,
+        guest_os_type=guest_os_type,
+        platform=platform,
         system=root.system if root else False,
         format=fmt,
         expected_md5=None,

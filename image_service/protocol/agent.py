@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, model_validator
@@ -96,8 +97,20 @@ class DeleteCommand(_Command):
     cancelOpIds: Annotated[list[OpId], Field(max_length=1000)] = []
 
 
+class InspectCommand(_Command):
+    """Measure the stored file at `installPath` and, with `checksums`, hash it: RecoverImage
+    confirms with it that a Deleted image's file is still whole, SyncImageSize re-measures.
+    A file whose size is not `size` (when given) is not hashed: it cannot match."""
+
+    command: Literal["inspect"] = "inspect"
+    format: ImageFormat
+    checksums: bool = False
+    size: Bytes | None = None
+
+
 AgentCommand = Annotated[
-    DownloadCommand | CreateCommand | DeleteCommand, Field(discriminator="command")
+    DownloadCommand | CreateCommand | DeleteCommand | InspectCommand,
+    Field(discriminator="command"),
 ]
 _COMMAND = TypeAdapter[AgentCommand](AgentCommand)
 
@@ -125,6 +138,17 @@ class StoredFile(_Message):
     sha256Sum: Sha256 | None = None
 
 
+class FileFacts(_Message):
+    """What an inspect found: the file's sizes, and its checksums when it was asked to hash
+    them (and the size was the expected one)."""
+
+    size: Bytes
+    actualSize: Bytes
+    virtualSize: Bytes
+    md5Sum: Md5 | None = None
+    sha256Sum: Sha256 | None = None
+
+
 MAX_DETAILS = 65536
 _STORED_FIELDS = ("installPath", "size", "actualSize", "virtualSize", "md5Sum", "format")
 
@@ -146,6 +170,14 @@ class AgentResult(_Message):
     # A code the service does not know becomes OPERATION_ERROR there (PROTOCOL.md A.3).
     code: Annotated[str, Field(max_length=64)] | None = None
     details: Annotated[str, Field(max_length=MAX_DETAILS)] | None = None
+    # An inspect's findings.
+    inspected: FileFacts | None = None
+    # The agent's capacity when it published the result (contract section 10), with the
+    # sequence number that orders its measurements (heartbeats carry it too). Optional on the
+    # wire: an agent from before section 10 reports capacity in heartbeats only.
+    totalCapacity: Bytes | None = None
+    availableCapacity: Bytes | None = None
+    capacitySeq: Bytes | None = None
 
     @model_validator(mode="after")
     def _stored_file_is_whole(self) -> AgentResult:
@@ -157,7 +189,20 @@ class AgentResult(_Message):
             raise ValueError("a failed op stores no file")
         if self.sha256Sum is not None and not all(given):
             raise ValueError("sha256Sum belongs to a stored file")
+        if self.inspected is not None and (not self.success or any(given)):
+            raise ValueError("inspected belongs to a successful inspect only")
+        capacity = (self.totalCapacity, self.availableCapacity, self.capacitySeq)
+        if any(c is not None for c in capacity) and not all(c is not None for c in capacity):
+            raise ValueError("totalCapacity, availableCapacity and capacitySeq go together")
         return self
+
+    @property
+    def capacity(self) -> Capacity | None:
+        if self.totalCapacity is None or self.availableCapacity is None:
+            return None
+        if self.capacitySeq is None:
+            return None
+        return Capacity(self.totalCapacity, self.availableCapacity, self.capacitySeq)
 
     @property
     def stored(self) -> StoredFile | None:
@@ -209,6 +254,15 @@ class AgentResult(_Message):
         return self.model_dump_json(exclude_none=True).encode()
 
 
+@dataclass(frozen=True, slots=True)
+class Capacity:
+    """One measurement of a backup storage's capacity; a larger `seq` is a later one."""
+
+    total: int
+    available: int
+    seq: int
+
+
 class Heartbeat(_Message):
     """What an agent publishes on `NS.heartbeats` every interval."""
 
@@ -220,3 +274,5 @@ class Heartbeat(_Message):
     availableCapacity: Bytes
     heartbeatInterval: Annotated[float, Field(gt=0, le=3600)] = 10.0
     sentAt: float | None = None
+    # Orders this measurement among the agent's results (AgentResult.capacitySeq).
+    capacitySeq: Bytes | None = None

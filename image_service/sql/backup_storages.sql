@@ -16,19 +16,29 @@ SELECT agent_user FROM backup_storage WHERE uuid = :uuid;
 -- an update (xmax is 0 only on a row this statement inserted): two first heartbeats handled at
 -- once both read no previous status, and only one inserts. Only the broker user that owns the
 -- row (or the first one, for a row that has none yet) changes it: another's gets no row back.
+-- Capacity is taken only from a measurement newer than the one recorded (`capacity_seq`, see
+-- bs_record_capacity); a heartbeat without one (an agent from before contract section 10)
+-- always counts.
 INSERT INTO backup_storage AS bs (uuid, name, url, hostname, total_capacity,
                                   available_capacity, heartbeat_interval, status,
-                                  last_heartbeat, agent_user)
+                                  last_heartbeat, agent_user, capacity_seq)
 SELECT :uuid, :name, :url, :hostname, :total_capacity, :available_capacity,
-       :heartbeat_interval, :connected, now(), :agent_user
+       :heartbeat_interval, :connected, now(), :agent_user, :capacity_seq::bigint
 WHERE NOT EXISTS (SELECT 1 FROM deleted_backup_storage d WHERE d.uuid = :uuid)
 ON CONFLICT (uuid) DO UPDATE SET
     agent_user = EXCLUDED.agent_user,
     name = EXCLUDED.name,
     url = EXCLUDED.url,
     hostname = EXCLUDED.hostname,
-    total_capacity = EXCLUDED.total_capacity,
-    available_capacity = EXCLUDED.available_capacity,
+    total_capacity = CASE WHEN EXCLUDED.capacity_seq IS NULL OR bs.capacity_seq IS NULL
+                               OR EXCLUDED.capacity_seq > bs.capacity_seq
+                          THEN EXCLUDED.total_capacity ELSE bs.total_capacity END,
+    available_capacity = CASE WHEN EXCLUDED.capacity_seq IS NULL OR bs.capacity_seq IS NULL
+                                   OR EXCLUDED.capacity_seq > bs.capacity_seq
+                              THEN EXCLUDED.available_capacity ELSE bs.available_capacity END,
+    capacity_seq = CASE WHEN EXCLUDED.capacity_seq IS NULL OR bs.capacity_seq IS NULL
+                             OR EXCLUDED.capacity_seq > bs.capacity_seq
+                        THEN EXCLUDED.capacity_seq ELSE bs.capacity_seq END,
     heartbeat_interval = EXCLUDED.heartbeat_interval,
     status = CASE WHEN bs.status = ANY(:connected_from::bs_status[])
                   THEN EXCLUDED.status ELSE bs.status END,
@@ -37,6 +47,17 @@ ON CONFLICT (uuid) DO UPDATE SET
                         THEN now() ELSE bs.last_op_date END
 WHERE bs.agent_user IS NULL OR bs.agent_user = EXCLUDED.agent_user
 RETURNING uuid, (xmax = 0) AS inserted;
+
+-- name: bs_record_capacity
+-- The capacity an agent measured after an op, stored in the transaction that applies the op's
+-- result: the reply and a QueryBackupStorage right after it agree. Only a newer measurement
+-- than the recorded one counts (results and heartbeats are measured and delivered
+-- concurrently).
+UPDATE backup_storage
+SET total_capacity = :total_capacity, available_capacity = :available_capacity,
+    capacity_seq = :capacity_seq
+WHERE uuid = :uuid AND (capacity_seq IS NULL OR capacity_seq < :capacity_seq)
+RETURNING uuid;
 
 -- name: bs_mark_disconnected
 -- :missed heartbeats; :heard_for seconds since this replica could last rely on having consumed

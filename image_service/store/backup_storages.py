@@ -8,6 +8,7 @@ from image_service.lifecycle import (
     BackupStorageState,
     BackupStorageStatus,
 )
+from image_service.protocol.agent import Capacity
 from image_service.store.group import QueryGroup, Record
 from image_service.store.rows import BackupStorageRow, InventoryRow, Owner
 
@@ -54,6 +55,7 @@ class BackupStorages(QueryGroup, sql_file="backup_storages.sql"):
         available_capacity: int,
         heartbeat_interval: float,
         agent_user: str,
+        capacity_seq: int | None,
     ) -> bool | None:
         """Register or refresh a backup storage and make it Connected, for its owning broker
         user only. Returns whether this call registered it, or None when the backup storage
@@ -68,10 +70,22 @@ class BackupStorages(QueryGroup, sql_file="backup_storages.sql"):
             available_capacity=available_capacity,
             heartbeat_interval=heartbeat_interval,
             agent_user=agent_user,
+            capacity_seq=capacity_seq,
             connected=_CONNECTED,
             connected_from=BACKUP_STORAGE_STATUS.allowed_from(_CONNECTED),
         )
         return bool(row["inserted"]) if row is not None else None
+
+    async def record_capacity(self, uuid: str, capacity: Capacity) -> bool:
+        """Store a measurement newer than the recorded one; False when it is not newer."""
+        row = await self._row(
+            "bs_record_capacity",
+            uuid=uuid,
+            total_capacity=capacity.total,
+            available_capacity=capacity.available,
+            capacity_seq=capacity.seq,
+        )
+        return row is not None
 
     async def mark_disconnected(self, *, missed: int, heard_for: float) -> list[str]:
         """Turn Disconnected those silent for `missed` intervals; only the caller whose update

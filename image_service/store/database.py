@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator, Sequence
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -13,6 +16,7 @@ import asyncpg.pool
 import orjson
 
 from image_service.store.backup_storages import BackupStorages
+from image_service.store.config import GlobalConfig
 from image_service.store.group import Connection, Record
 from image_service.store.images import Images
 from image_service.store.inbox import Inbox
@@ -21,6 +25,8 @@ from image_service.store.ops import Ops
 from image_service.store.outbox import OutboxTable
 from image_service.store.tags import Tags
 from image_service.store.volumes import Volumes
+
+log = logging.getLogger(__name__)
 
 # Errors that mean "the database is unreachable now", as opposed to a bug in a statement.
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
@@ -71,7 +77,17 @@ async def ensure_database(database_url: str) -> None:
 class Tx:
     """One transaction (or, from `Store.autocommit`, one connection without one)."""
 
-    __slots__ = ("backup_storages", "conn", "images", "inbox", "ops", "outbox", "tags", "volumes")
+    __slots__ = (
+        "backup_storages",
+        "config",
+        "conn",
+        "images",
+        "inbox",
+        "ops",
+        "outbox",
+        "tags",
+        "volumes",
+    )
 
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
@@ -82,6 +98,7 @@ class Tx:
         self.backup_storages = BackupStorages(conn)
         self.volumes = Volumes(conn)
         self.tags = Tags(conn)
+        self.config = GlobalConfig(conn)
 
     async def fetch_sql(self, sql: str, args: Sequence[Any]) -> list[Record]:
         """Run SQL compiled by `image_service.query` (identifiers whitelisted, values bound)."""
@@ -97,10 +114,38 @@ class Tx:
             yield self
 
 
+# Seconds between checks that a LISTEN connection is still alive.
+KEEPALIVE = 30.0
+_LISTEN_ERRORS: tuple[type[BaseException], ...] = (
+    *CONNECTION_ERRORS,
+    asyncpg.PostgresError,
+    TimeoutError,
+)
+
+
+async def _listen_on(
+    conn: asyncpg.Connection, channels: list[str], on_notify: Callable[[], None]
+) -> None:
+    """Serve one LISTEN connection until it is lost."""
+    lost = asyncio.Event()
+    conn.add_termination_listener(lambda _conn: lost.set())
+    for channel in channels:
+        await conn.add_listener(channel, lambda *_args: on_notify())
+    on_notify()
+    while not lost.is_set():
+        # A connection can die without a word (its host gone): ask now and then.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(KEEPALIVE):
+                await lost.wait()
+        if not lost.is_set():
+            await conn.fetchval("SELECT 1", timeout=10)
+
+
 class Store:
-    def __init__(self, pool: asyncpg.Pool, read_pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, read_pool: asyncpg.Pool, database_url: str) -> None:
         self.pool = pool
         self.read_pool = read_pool
+        self.database_url = database_url
 
     @classmethod
     async def open(cls, database_url: str, *, min_size: int = 2, max_size: int = 10) -> Store:
@@ -119,11 +164,33 @@ class Store:
             server_settings={"synchronous_commit": "off", "plan_cache_mode": "force_custom_plan"},
         )
         assert read_pool is not None
-        return cls(pool, read_pool)
+        return cls(pool, read_pool, database_url)
 
     async def close(self) -> None:
         await self.read_pool.close()
         await self.pool.close()
+
+    async def listen(self, channels: list[str], on_notify: Callable[[], None]) -> None:
+        """LISTEN on `channels` for as long as the task runs, calling `on_notify` for every
+        notification, and once after every (re)connection: notifications sent while the
+        connection was down are lost, so a listener must then look again."""
+        delay = 0.5
+        while True:
+            try:
+                conn = await asyncpg.connect(self.database_url, timeout=10)
+            except _LISTEN_ERRORS as exc:
+                log.warning("LISTEN connection failed (%r); retrying in %g s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            delay = 0.5
+            try:
+                await _listen_on(conn, channels, on_notify)
+            except _LISTEN_ERRORS as exc:
+                log.warning("LISTEN connection lost (%r); reconnecting", exc)
+            finally:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(conn.close(timeout=5))
 
     async def migrate(self) -> list[int]:
         async with self.pool.acquire() as conn:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid as uuid_
 from dataclasses import dataclass
 
 from image_service.lifecycle import (
@@ -14,7 +15,14 @@ from image_service.lifecycle import (
     RefStatus,
 )
 from image_service.store.group import QueryGroup, Record
-from image_service.store.rows import HeldImage, ImageRow, InventoryRow, RefRow
+from image_service.store.rows import (
+    HeldImage,
+    ImageRow,
+    InventoryRow,
+    Origin,
+    RefRow,
+    StoredFacts,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,31 +89,80 @@ class Images(QueryGroup, sql_file="images.sql"):
         rows = await self._rows("images_lock", uuids=sorted(set(uuids)))
         return {row["uuid"]: _image(row) for row in rows}
 
-    async def mark_ready(
+    async def mark_stored(
         self,
         *,
         uuid: str,
+        status: ImageStatus,
         size: int,
         actual_size: int,
         virtual_size: int,
         md5_sum: str,
         sha256_sum: str | None,
     ) -> bool:
-        """The image's file is stored: record what it is. `sha256_sum` is None when the agent
-        that stored it reports md5 only (one from before contract section 9)."""
-        ready = ImageStatus.Ready
+        """The image's creation has finished with a stored file: record what it is, and turn
+        `status` (Ready; Deleted when its references were deleted meanwhile). `sha256_sum` is
+        None when the agent that stored it reports md5 only (one from before section 9)."""
         row = await self._row(
-            "image_mark_ready",
+            "image_mark_stored",
             uuid=uuid,
             size=size,
             actual_size=actual_size,
             virtual_size=virtual_size,
             md5_sum=md5_sum,
             sha256_sum=sha256_sum,
-            ready=ready,
-            allowed=IMAGE_STATUS.allowed_from(ready),
+            status=status,
+            allowed=IMAGE_STATUS.allowed_from(status),
         )
         return row is not None
+
+    async def set_status(self, *, uuid: str, status: ImageStatus) -> bool:
+        """Ready <-> Deleted as its references come and go; False when the table forbids it."""
+        row = await self._row(
+            "image_set_status", uuid=uuid, status=status, allowed=IMAGE_STATUS.allowed_from(status)
+        )
+        return row is not None
+
+    async def stored_facts(self, uuid: str) -> StoredFacts | None:
+        row = await self._row("image_stored_facts", uuid=uuid)
+        return StoredFacts(**row) if row is not None else None
+
+    async def origin(self, uuid: str) -> Origin | None:
+        row = await self._row("image_origin", uuid=uuid)
+        if row is None:
+            return None
+        return Origin(ImageStatus(row["status"]), row["platform"], row["guest_os_type"])
+
+    async def set_sizes(self, *, uuid: str, size: int, actual_size: int, virtual_size: int) -> bool:
+        """SyncImageSize: record what was measured (a Ready or Deleted image only)."""
+        row = await self._row(
+            "image_set_sizes",
+            uuid=uuid,
+            size=size,
+            actual_size=actual_size,
+            virtual_size=virtual_size,
+            statuses=[ImageStatus.Ready, ImageStatus.Deleted],
+        )
+        return row is not None
+
+    async def try_lock_many(self, uuids: list[str]) -> list[str]:
+        """Lock those of `uuids` no other transaction holds, in uuid order, without waiting."""
+        rows = await self._rows("images_try_lock", uuids=sorted(set(uuids)))
+        return [row["uuid"] for row in rows]
+
+    async def due_for_expunge(self, *, period: float, limit: int) -> list[str]:
+        """Images with a Deleted reference, not being worked on, Deleted for `period` s."""
+        rows = await self._rows(
+            "images_due_for_expunge", period=period, deleted=RefStatus.Deleted, limit=limit
+        )
+        return [row["image_uuid"] for row in rows]
+
+    async def next_expunge_in(self, *, period: float) -> float | None:
+        """Seconds until the next Deleted reference is due (<= 0: now); None when none is."""
+        value: float | None = await self._value(
+            "expunge_next_due", period=period, deleted=RefStatus.Deleted
+        )
+        return value
 
     async def change_state(self, *, uuid: str, state: ImageState) -> bool:
         """False when the image is in `state` already."""
@@ -171,6 +228,75 @@ class Images(QueryGroup, sql_file="images.sql"):
         )
         return row is not None
 
+    async def mark_ref_deleted(
+        self, *, image_uuid: str, backup_storage_uuid: str, channel: str
+    ) -> bool:
+        """Delay and Never: the reference turns Deleted and keeps its file; NOTIFY `channel`
+        at commit. False when it was not Ready."""
+        deleted = RefStatus.Deleted
+        row = await self._row(
+            "ref_mark_deleted",
+            image_uuid=image_uuid,
+            backup_storage_uuid=backup_storage_uuid,
+            deleted=deleted,
+            allowed=REF_STATUS.allowed_from(deleted),
+            channel=channel,
+        )
+        return row is not None
+
+    async def claim_ref(
+        self, *, image_uuid: str, backup_storage_uuid: str, op_id: uuid_.UUID, min_age: float
+    ) -> str | None:
+        """Give a Deleted reference (Deleted for `min_age` s) to op `op_id`; its install path,
+        or None when it is not Deleted, too young, or another op has it."""
+        path: str | None = await self._value(
+            "ref_claim",
+            image_uuid=image_uuid,
+            backup_storage_uuid=backup_storage_uuid,
+            op_id=op_id,
+            deleted=RefStatus.Deleted,
+            min_age=min_age,
+        )
+        return path
+
+    async def release_ref(
+        self, *, image_uuid: str, backup_storage_uuid: str, op_id: uuid_.UUID
+    ) -> bool:
+        row = await self._row(
+            "ref_release",
+            image_uuid=image_uuid,
+            backup_storage_uuid=backup_storage_uuid,
+            op_id=op_id,
+        )
+        return row is not None
+
+    async def recover_ref(
+        self, *, image_uuid: str, backup_storage_uuid: str, op_id: uuid_.UUID
+    ) -> bool:
+        """The claimed Deleted reference turns Ready again (its file was confirmed)."""
+        ready = RefStatus.Ready
+        row = await self._row(
+            "ref_recover",
+            image_uuid=image_uuid,
+            backup_storage_uuid=backup_storage_uuid,
+            op_id=op_id,
+            ready=ready,
+            allowed=[RefStatus.Deleted.value],
+        )
+        return row is not None
+
+    async def remove_claimed_ref(
+        self, *, image_uuid: str, backup_storage_uuid: str, op_id: uuid_.UUID
+    ) -> bool:
+        """Remove the reference op `op_id` claimed; False when it has no such claim."""
+        path = await self._value(
+            "ref_remove_claimed",
+            image_uuid=image_uuid,
+            backup_storage_uuid=backup_storage_uuid,
+            op_id=op_id,
+        )
+        return path is not None
+
     async def delete_ref(self, *, image_uuid: str, backup_storage_uuid: str) -> str | None:
         """Remove a reference; returns its install path, None when there was none."""
         path: str | None = await self._value(
@@ -186,6 +312,7 @@ class Images(QueryGroup, sql_file="images.sql"):
                 status=RefStatus(row["status"]),
                 bs_status=BackupStorageStatus(row["bs_status"]),
                 hostname=row["hostname"],
+                ref_op=row["ref_op"],
             )
             for row in await self._rows("refs_of_image", image_uuid=image_uuid)
         ]

@@ -84,6 +84,28 @@ class RefRow:
     status: RefStatus
     bs_status: BackupStorageStatus
     hostname: str
+    # The op working on this Deleted reference (an expunge or a recovery), if any.
+    ref_op: uuid.UUID | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFacts:
+    """What an image's stored file is, as recorded when it turned Ready."""
+
+    size: int | None
+    actual_size: int | None
+    virtual_size: int | None
+    md5_sum: str | None
+    sha256_sum: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """The root image of a volume, as a template made from the volume inherits it."""
+
+    status: ImageStatus
+    platform: str
+    guest_os_type: str | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,7 +64,7 @@ def create(
 def create_with_key(path: Path, fmt: str, size: str, *options: str) -> Path | None:
     """LUKS key derivation benchmarks the CPU first; on a loaded VM qemu-img sometimes gives up
     ("Unable to get accurate CPU usage"), so try a few times before falling back."""
-    for _ in range(5):
+    for _ in range(20):
         result = qemu_img(
             "create", "-q", "-f", fmt, *SECRET, "-o", ",".join(options), str(path), size
         )
@@ -290,6 +290,11 @@ def test_detect_agrees_with_qemus_own_probe(case: Case, image_dir: Path) -> None
     """qemu-img without -f is exactly the consumer the inspector protects; on files made here it
     is safe to ask, and its answer must be the inspector's."""
     path = built(case, image_dir)
+    if path.read_bytes() == luks1_header():
+        pytest.skip(
+            "qemu-img failed to create a LUKS volume 20 times on this machine (its key"
+            " derivation benchmark); the stand-in header is no whole volume to open"
+        )
     result = qemu_img("info", "--output=json", str(path))
     assert result.returncode == 0, result.stderr
     probed = json.loads(result.stdout)["format"]

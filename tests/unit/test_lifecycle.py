@@ -23,20 +23,39 @@ Status = ImageStatus
 allowed_from = IMAGE_STATUS.allowed_from
 
 
-def test_ready_is_entered_from_downloading_and_creating() -> None:
-    assert sorted(allowed_from(Status.Ready)) == ["Creating", "Downloading"]
-    assert sorted(REF_STATUS.allowed_from(RefStatus.Ready)) == ["Creating", "Downloading"]
+def test_ready_is_entered_from_a_birth_status_or_by_recovery() -> None:
+    assert sorted(allowed_from(Status.Ready)) == ["Creating", "Deleted", "Downloading"]
+    assert sorted(REF_STATUS.allowed_from(RefStatus.Ready)) == [
+        "Creating",
+        "Deleted",
+        "Downloading",
+    ]
 
 
-def test_nothing_leaves_ready() -> None:
-    assert TRANSITIONS[Status.Ready] == frozenset()
-    for status in Status:
-        assert Status.Ready not in allowed_from(status)
+def test_only_a_stored_reference_turns_deleted() -> None:
+    # A reference still Downloading or Creating is cancelled and removed, never Deleted.
+    assert REF_STATUS.allowed_from(RefStatus.Deleted) == ["Ready"]
+    # An image turns Deleted from Ready, or when its creation ends with every stored
+    # reference deleted meanwhile.
+    assert sorted(allowed_from(Status.Deleted)) == ["Creating", "Downloading", "Ready"]
+
+
+def test_ready_and_deleted_lead_only_to_each_other() -> None:
+    assert TRANSITIONS[Status.Ready] == frozenset({Status.Deleted})
+    assert TRANSITIONS[Status.Deleted] == frozenset({Status.Ready})
+    assert REF_STATUS.transitions[RefStatus.Ready] == frozenset({RefStatus.Deleted})
+    assert REF_STATUS.transitions[RefStatus.Deleted] == frozenset({RefStatus.Ready})
+
+
+def test_no_status_is_final_any_more() -> None:
+    assert IMAGE_STATUS.final() == []
+    assert REF_STATUS.final() == []
 
 
 @pytest.mark.parametrize("status", [Status.Downloading, Status.Creating])
 def test_no_status_returns_to_a_birth_status(status: Status) -> None:
     assert allowed_from(status) == []
+    assert REF_STATUS.allowed_from(status) == []
 
 
 @pytest.mark.parametrize("machine", MACHINES, ids=lambda m: m.name)

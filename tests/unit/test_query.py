@@ -340,7 +340,7 @@ def test_date_cast_of_any_text_is_a_date_or_invalid_argument(value: str) -> None
 @pytest.mark.parametrize(
     ("name", "value"),
     [
-        ("status", "Deleted"),
+        ("status", "Expunged"),
         ("status", "ready"),
         ("state", "Enable"),
         ("format", "vmdk"),
