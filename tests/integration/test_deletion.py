@@ -677,6 +677,10 @@ async def test_three_replicas_expunge_each_reference_exactly_once(
     stack.start_service()
     agents = [await stack.start_agent(f"bs{i}") for i in range(2)]
     images = await delete_all_under_never(stack, agents, 12)
+    # The deletions went to whichever replica took each: every one of them applied Never.
+    rows = await stack.db.fetch("SELECT DISTINCT status::text FROM image_backup_storage_ref")
+    assert [r[0] for r in rows] == ["Deleted"]
+    assert all(len(a.files()) == len(images) for a in agents)
 
     # Every replica's expunger wakes on the same NOTIFY and races for the same references.
     await set_config(stack, "deletionPolicy", "Delay")
@@ -726,6 +730,37 @@ async def test_a_replica_killed_mid_expunge_loses_nothing(stack: Stack) -> None:
     assert await available(stack, agent) == QUOTA
     survivors = [p for p in stack.services if p.running]
     assert survivors, "one replica must be left"
+
+
+async def listen_backends(stack: Stack) -> list[int]:
+    rows = await stack.db.fetch(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+        " AND query LIKE 'LISTEN%'"
+    )
+    return sorted(r["pid"] for r in rows)
+
+
+async def test_a_cut_listen_connection_is_made_again(stack: Stack) -> None:
+    agent = await stack.start_agent("bs0")
+    await set_config(stack, "deletionPolicy", "Never")
+    await set_config(stack, "expungePeriod", 0)
+    inventory = await add_ready(stack, [agent], name="heard")
+    await delete(stack, inventory["uuid"])
+    before = await wait_for(lambda: listen_backends(stack), timeout=10)
+    cut = await stack.db.fetch(
+        "SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) AS pid", before
+    )
+    assert all(r[0] for r in cut)
+
+    async def listening_again() -> list[int]:
+        now = await listen_backends(stack)
+        return now if now and not set(now) & set(before) else []
+
+    await wait_for(listening_again, timeout=15)
+    # The expunger, asleep for up to 60 s under Never, hears the switch on the new connection.
+    await set_config(stack, "deletionPolicy", "Delay")
+    await wait_gone(stack, inventory["uuid"], timeout=10)
+    assert stack.services[0].running
 
 
 # === the store, without processes ==========================================================
