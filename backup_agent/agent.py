@@ -234,14 +234,21 @@ class Agent:
         """Publish a journalled result with the capacity measured now, after its op (and
         after any op that finished since: the service keeps the latest measurement)."""
         assert entry.result is not None
-        capacity = await self.gauge.measure()
-        body = entry.result.model_copy(
-            update={
-                "totalCapacity": capacity.total,
-                "availableCapacity": capacity.available,
-                "capacitySeq": capacity.seq,
-            }
-        ).to_json()
+        result = entry.result
+        try:
+            capacity = await self.gauge.measure()
+        except OSError as exc:
+            # The result matters more than the figures: the next heartbeat brings them.
+            log.warning("capacity not measured for the result of %s: %r", entry.op_id, exc)
+        else:
+            result = result.model_copy(
+                update={
+                    "totalCapacity": capacity.total,
+                    "availableCapacity": capacity.available,
+                    "capacitySeq": capacity.seq,
+                }
+            )
+        body = result.to_json()
         delay = 0.5
         while True:
             try:

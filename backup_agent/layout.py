@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,7 +94,9 @@ class Layout:
         return new
 
     def next_incarnation(self) -> int:
-        """A number larger than at any earlier start of this agent (kept in the directory)."""
+        """A number larger than at any earlier start of this agent: one more than the last
+        (kept in the directory), and at least the clock's seconds, so that a directory that
+        was replaced, restored or lost its count still numbers after what the service saw."""
         path = self.state / "incarnation.json"
         previous = 0
         if path.exists():
@@ -101,7 +104,7 @@ class Layout:
                 previous = int(json.loads(path.read_text())["incarnation"])
             except (ValueError, KeyError, TypeError):
                 previous = 0
-        current = previous + 1
+        current = max(previous + 1, int(time.time()))
         write_atomically(path, json.dumps({"incarnation": current}).encode())
         return current
 
@@ -151,7 +154,9 @@ class Gauge:
     carry it, and the service keeps only a newer measurement than the one it has, so a
     heartbeat measured before an op never undoes the result measured after it."""
 
-    COUNTER_BITS = 32
+    # 2^24 measurements per incarnation (then a new one): with an incarnation of the clock's
+    # seconds, sequence numbers stay below 2^63 for thousands of years.
+    COUNTER_BITS = 24
 
     def __init__(self, layout: Layout, quota: int | None) -> None:
         self.layout = layout

@@ -212,13 +212,20 @@ class Work:
             raise OpFailure(
                 ErrorCode.RESOURCE_NOT_FOUND, f"{command.installPath} is gone"
             ) from None
-        # Hashing reads the whole file: it takes a slot like a transfer.
+        # qemu-img and hashing read the file: an inspect takes a slot like a transfer.
         async with self.slots.exclusive():
-            facts = await self._inspect(path, command.format)
-            md5 = sha256 = None
-            if command.checksums and command.size in (None, size):
-                hashed = await hash_file(path)
-                size, md5, sha256 = hashed.size, hashed.md5, hashed.sha256
+            try:
+                facts = await self._inspect(path, command.format)
+                md5 = sha256 = None
+                if command.checksums and command.size in (None, size):
+                    hashed = await hash_file(path)
+                    size, md5, sha256 = hashed.size, hashed.md5, hashed.sha256
+            except (OpFailure, OSError):
+                if not path.exists():
+                    raise OpFailure(
+                        ErrorCode.RESOURCE_NOT_FOUND, f"{command.installPath} is gone"
+                    ) from None
+                raise
         inspected = FileFacts(
             size=size,
             actualSize=facts.actual_size,

@@ -77,7 +77,8 @@ EXPUNGE_PERIOD = Option(
     "image",
     "expungePeriod",
     "86400",
-    "Seconds a Deleted image reference is kept before it is expunged (deletion policy Delay).",
+    "Seconds a Deleted image reference is kept before the expunger removes it (under every"
+    " deletion policy but Never).",
     _seconds,
 )
 OPTIONS: dict[str, Option] = {o.id: o for o in (DELETION_POLICY, EXPUNGE_PERIOD)}

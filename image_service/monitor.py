@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from image_service.events import emit_backup_storage_status
 from image_service.lifecycle import BackupStorageStatus
-from image_service.operations import backup_storages_disconnected
+from image_service.operations import backup_storages_disconnected, release_all_stranded
 from image_service.pipeline import Transactions
 from image_service.protocol.transport import RetryLater
 
@@ -54,6 +54,10 @@ class Monitor:
             # storages, so only it may fail their downloads, and it must not forget to.
             if lost:
                 await backup_storages_disconnected(ctx, lost)
+        async with self.transactions.open() as ctx:
+            released = await release_all_stranded(ctx)
+        if released:
+            log.warning("released %d ops stranded on absent backup storages", released)
 
     async def resend_due(self) -> None:
         async with self.transactions.open() as ctx:

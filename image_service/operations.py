@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import uuid
 
+from pydantic import ValidationError
+
 from image_service.deletion import schedule_delete
 from image_service.errors import ErrorCode
 from image_service.lifecycle import OpKind, OpStatus
@@ -148,26 +150,33 @@ async def _apply_inspection(ctx: Ctx, op: OpRow, result: AgentResult) -> None:
     """An inspect's result. A recovery turns its Deleted reference Ready only when the file's
     size and checksums are the image's; a file that is gone loses its reference (reported in
     the reply's `causes`); any other failure leaves the reference Deleted. SyncImageSize
-    records the sizes measured."""
+    records the sizes measured, from a file of the image's size only."""
     op_id = uuid.UUID(result.opId)
-    command = InspectCommand.model_validate(op.command, strict=False)
+    try:
+        command = InspectCommand.model_validate(op.command, strict=False)
+    except ValidationError:
+        # An op recorded as failed before it was sent (a skipped holder) has no command.
+        log.warning("result for op %s, which sent no inspect command, dropped", op_id)
+        return
     inspected = result.inspected
+    problem: str | None = None
+    code = ErrorCode.CHECKSUM_MISMATCH
     if result.success and inspected is None:
-        result = AgentResult.failed(
-            result.opId,
-            result.backupStorageUuid,
-            ErrorCode.OPERATION_ERROR,
-            "the agent reported an inspection without its findings",
-        )
-    elif result.success and inspected is not None and command.checksums:
-        mismatch = _mismatch(await ctx.tx.images.stored_facts(op.image_uuid), inspected)
-        if mismatch is not None:
-            result = AgentResult.failed(
-                result.opId,
-                result.backupStorageUuid,
-                ErrorCode.CHECKSUM_MISMATCH,
-                f"not recovered: {mismatch}; the reference stays Deleted",
+        problem = "the agent reported an inspection without its findings"
+        code = ErrorCode.OPERATION_ERROR
+    elif result.success and inspected is not None:
+        expected = await ctx.tx.images.stored_facts(op.image_uuid)
+        if command.checksums:
+            mismatch = _mismatch(expected, inspected)
+            if mismatch is not None:
+                problem = f"not recovered: {mismatch}; the reference stays Deleted"
+        elif expected is None or inspected.size != expected.size:
+            size = expected.size if expected is not None else None
+            problem = (
+                f"the file has {inspected.size} bytes, the image {size}: it is not the image's file"
             )
+    if problem is not None:
+        result = AgentResult.failed(result.opId, result.backupStorageUuid, code, problem)
     finished = await ctx.tx.ops.finish(
         op_id=op_id,
         status=OpStatus.Succeeded if result.success else OpStatus.Failed,
@@ -182,7 +191,6 @@ async def _apply_inspection(ctx: Ctx, op: OpRow, result: AgentResult) -> None:
         if result.success and inspected is not None:
             await ctx.tx.images.set_sizes(
                 uuid=op.image_uuid,
-                size=inspected.size,
                 actual_size=inspected.actualSize,
                 virtual_size=inspected.virtualSize,
             )
@@ -202,16 +210,7 @@ async def fail_inspections(ctx: Ctx, ops: list[OpRow], code: ErrorCode, details:
     reference stays Deleted. Returns the message ids waiting on them."""
     messages: list[str] = []
     for op in ops:
-        if op.kind is not OpKind.inspect:
-            continue
-        finished = await ctx.tx.ops.finish(
-            op_id=op.op_id,
-            status=OpStatus.Failed,
-            result=None,
-            error_code=code.value,
-            error_details=details,
-        )
-        if finished is None:
+        if op.kind is not OpKind.inspect or not await _fail(ctx, op, code, details):
             continue
         await ctx.tx.images.release_ref(
             image_uuid=op.image_uuid, backup_storage_uuid=op.backup_storage_uuid, op_id=op.op_id
@@ -221,13 +220,27 @@ async def fail_inspections(ctx: Ctx, ops: list[OpRow], code: ErrorCode, details:
     return messages
 
 
+async def _fail(ctx: Ctx, op: OpRow, code: ErrorCode, details: str) -> bool:
+    """Fail a Pending op from the service's side; False when it had finished already."""
+    finished = await ctx.tx.ops.finish(
+        op_id=op.op_id,
+        status=OpStatus.Failed,
+        result=None,
+        error_code=code.value,
+        error_details=details,
+    )
+    return finished is not None
+
+
 async def _drop_stale(ctx: Ctx, op: OpRow, result: AgentResult) -> None:
     """A late success for work that was cancelled: its file must not stay on disk."""
     log.info("stale result for op %s (%s) ignored", op.op_id, op.kind)
     stored = result.stored
     if op.kind is OpKind.delete or stored is None:
         return
-    kept = await ctx.tx.images.ready_ref_at(
+    # A reference that turned Deleted since keeps the file as well as a Ready one: a
+    # replayed result must not remove what the deletion policy promised to keep.
+    kept = await ctx.tx.images.ref_holds(
         backup_storage_uuid=result.backupStorageUuid, install_path=stored.installPath
     )
     if not kept:
@@ -246,16 +259,7 @@ async def cancel_ops(
     settled by the caller once the rest of its transaction is done)."""
     messages: list[str] = []
     for op in ops:
-        if op.kind not in CREATION:
-            continue
-        finished = await ctx.tx.ops.finish(
-            op_id=op.op_id,
-            status=OpStatus.Failed,
-            result=None,
-            error_code=code.value,
-            error_details=details,
-        )
-        if finished is None:
+        if op.kind not in CREATION or not await _fail(ctx, op, code, details):
             continue
         path = await ctx.tx.images.delete_ref(
             image_uuid=op.image_uuid, backup_storage_uuid=op.backup_storage_uuid
@@ -274,9 +278,40 @@ async def cancel_ops(
     return messages
 
 
+async def release_stranded(ctx: Ctx, ops: list[OpRow], *, gone: bool) -> list[str]:
+    """Pending ops of a backup storage that went away: Disconnected, or (`gone`) deleted. The
+    caller holds their images' locks. Downloads and creations fail and lose their references
+    (a Disconnected agent gets the delete of what it may have stored); inspections fail;
+    deletes wait for a Disconnected agent without holding their caller, and fail with a
+    deleted one. Returns the message ids to settle once the caller's work is done."""
+    messages: list[str] = []
+    for op in ops:
+        bs = op.backup_storage_uuid
+        if op.kind is OpKind.delete:
+            if not gone:
+                await ctx.tx.ops.detach_message(op.op_id)
+            elif not await _fail(ctx, op, ErrorCode.OPERATION_ERROR, "backup storage deleted"):
+                continue
+            if op.message_id:
+                messages.append(op.message_id)
+        elif op.kind is OpKind.inspect:
+            code = ErrorCode.OPERATION_ERROR if gone else ErrorCode.INVALID_STATE
+            went = "was deleted" if gone else "disconnected before it answered"
+            messages += await fail_inspections(ctx, [op], code, f"backup storage {bs} {went}")
+        elif gone:
+            details = f"backup storage {bs} was deleted"
+            messages += await cancel_ops(
+                ctx, [op], ErrorCode.OPERATION_ERROR, details, remove_files=False
+            )
+        else:
+            details = "the backup storage disconnected before the image was stored"
+            messages += await cancel_ops(ctx, [op], ErrorCode.DOWNLOAD_FAILED, details)
+    return messages
+
+
 async def backup_storages_disconnected(ctx: Ctx, backup_storage_uuids: list[str]) -> None:
-    """Agents missed their heartbeats: fail their downloads (their callers get a reply now) and
-    let their deletes wait for them without holding their callers."""
+    """Agents missed their heartbeats: fail their downloads and inspections (their callers get
+    a reply now) and let their deletes wait for them without holding their callers."""
     ops = [
         op
         for bs_uuid in backup_storage_uuids
@@ -284,24 +319,22 @@ async def backup_storages_disconnected(ctx: Ctx, backup_storage_uuids: list[str]
     ]
     if ops:
         await ctx.tx.images.lock_many([op.image_uuid for op in ops])
-    for op in ops:
-        if op.kind is OpKind.delete:
-            await ctx.tx.ops.detach_message(op.op_id)
-            await settle_message(ctx, op.message_id)
-            continue
-        if op.kind is OpKind.inspect:
-            for message_id in await fail_inspections(
-                ctx,
-                [op],
-                ErrorCode.INVALID_STATE,
-                f"backup storage {op.backup_storage_uuid} disconnected before it answered",
-            ):
-                await settle_message(ctx, message_id)
-            continue
-        for message_id in await cancel_ops(
-            ctx,
-            [op],
-            ErrorCode.DOWNLOAD_FAILED,
-            "the backup storage disconnected before the image was stored",
-        ):
-            await settle_message(ctx, message_id)
+    for message_id in await release_stranded(ctx, ops, gone=False):
+        await settle_message(ctx, message_id)
+
+
+async def release_all_stranded(ctx: Ctx) -> int:
+    """Ops committed just after their backup storage was handled as Disconnected or deleted
+    (their request saw it Connected, or there, a moment before) would wait for good: release
+    them as that handling would have. Returns how many were found."""
+    stranded = await ctx.tx.ops.stranded()
+    if not stranded:
+        return 0
+    await ctx.tx.images.lock_many([s.op.image_uuid for s in stranded])
+    messages: list[str] = []
+    for gone in (True, False):
+        ops = [s.op for s in stranded if s.gone is gone]
+        messages += await release_stranded(ctx, ops, gone=gone)
+    for message_id in messages:
+        await settle_message(ctx, message_id)
+    return len(stranded)

@@ -146,21 +146,32 @@ async def _finalize_deletion(ctx: Ctx, inbox: InboxRow) -> dict[str, Any]:
 
 async def _finalize_expunge(ctx: Ctx, inbox: InboxRow) -> dict[str, Any]:
     """ExpungeImage: the image as left, or none once its last reference is gone. References
-    whose backup storage is away stay Deleted until it returns and confirms: they are listed
-    in `causes`, for the caller to know the expunge is not finished there."""
+    that stay (Deleted, until their file is gone) are listed in `causes`: those whose backup
+    storage is away, and those whose agent failed to remove the file (retried)."""
     reply = await _finalize_deletion(ctx, inbox)
     if inbox.image_uuid is None:
         return reply
-    waiting = [
-        {
-            "backupStorageUuid": ref.backup_storage_uuid,
-            "code": ErrorCode.INVALID_STATE.value,
-            "details": f"backup storage {ref.backup_storage_uuid} is {ref.bs_status}: its file"
-            " is removed, and the reference with it, when it is Connected again",
-        }
-        for ref in await ctx.tx.images.refs(inbox.image_uuid)
-        if ref.ref_op is not None and ref.bs_status is not BackupStorageStatus.Connected
-    ]
+    waiting: list[dict[str, Any]] = []
+    for ref in await ctx.tx.images.refs(inbox.image_uuid):
+        if ref.ref_op is None:
+            continue
+        bs = ref.backup_storage_uuid
+        if ref.bs_status is not BackupStorageStatus.Connected:
+            code = ErrorCode.INVALID_STATE
+            details = (
+                f"backup storage {bs} is {ref.bs_status}: its file is removed, and the"
+                " reference with it, when it is Connected again"
+            )
+        else:
+            failure = await ctx.tx.ops.pending_error(ref.ref_op)
+            if failure is None:
+                continue  # an expunge under way (another caller's, or the expunger's)
+            code = ErrorCode.OPERATION_ERROR
+            details = (
+                f"backup storage {bs} could not remove the file ({failure[1] or failure[0]});"
+                " it tries again, and the reference goes when the file is gone"
+            )
+        waiting.append({"backupStorageUuid": bs, "code": code.value, "details": details})
     if waiting:
         reply["causes"] = waiting
     return reply

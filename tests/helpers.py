@@ -6,11 +6,13 @@ agents' files, and waiting on conditions (never on the clock).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import socket
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 from typing import Any, Protocol
@@ -346,3 +348,34 @@ def luks1_header() -> bytes:
     header[40:51] = b"xts-plain64"
     header[72:78] = b"sha256"
     return bytes(header)
+
+
+# --- the command line ---------------------------------------------------------------------
+
+
+async def run_cli(stack: Stack, program: list[str], *args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        *program,
+        "--amqp-url",
+        AMQP_URL,
+        "--namespace",
+        stack.namespace,
+        "--timeout",
+        "30",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def cli(stack: Stack, *args: str) -> tuple[int, str, str]:
+    """`python -m image_service.cli`."""
+    return await run_cli(stack, [sys.executable, "-m", "image_service.cli"], *args)
+
+
+async def image_cli(stack: Stack, *args: str) -> tuple[int, str, str]:
+    """The installed `image-cli` console script."""
+    return await run_cli(stack, [str(Path(sys.executable).with_name("image-cli"))], *args)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from image_service import params
 from image_service.api.creation import not_found
-from image_service.errors import ErrorCode
 from image_service.inventory import backup_storage_inventory
-from image_service.lifecycle import BackupStorageState, OpKind, OpStatus
-from image_service.operations import cancel_ops, fail_inspections
+from image_service.lifecycle import BackupStorageState
+from image_service.operations import release_stranded
 from image_service.pipeline import Ctx, Outcome
 from image_service.settlement import settle_image, settle_message
 
@@ -32,28 +31,9 @@ async def delete_backup_storage(ctx: Ctx, p: params.DeleteBackupStorage) -> Outc
     ops = await ctx.tx.ops.pending_of_backup_storage(p.uuid)
     holding = [h.image_uuid for h in await ctx.tx.images.held_by(p.uuid)]
     await ctx.tx.images.lock_many([op.image_uuid for op in ops] + holding)
-    # Downloads in flight there fail; their callers are answered in this transaction.
-    waiting = await cancel_ops(
-        ctx,
-        ops,
-        ErrorCode.OPERATION_ERROR,
-        f"backup storage {p.uuid} was deleted",
-        remove_files=False,
-    )
-    waiting += await fail_inspections(
-        ctx, ops, ErrorCode.OPERATION_ERROR, f"backup storage {p.uuid} was deleted"
-    )
-    for op in ops:
-        if op.kind is OpKind.delete:
-            await ctx.tx.ops.finish(
-                op_id=op.op_id,
-                status=OpStatus.Failed,
-                result=None,
-                error_code=ErrorCode.OPERATION_ERROR.value,
-                error_details="backup storage deleted",
-            )
-            if op.message_id:
-                waiting.append(op.message_id)
+    # Work in flight there fails; its callers are answered in this transaction. (An op
+    # committed after this read is found by the monitor: operations.release_all_stranded.)
+    waiting = await release_stranded(ctx, ops, gone=True)
     # Read again: a cancelled download's reference is gone, and its image is settled below.
     for ref in await ctx.tx.images.held_by(p.uuid):
         await ctx.tx.images.delete_ref(image_uuid=ref.image_uuid, backup_storage_uuid=p.uuid)

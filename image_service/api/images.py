@@ -157,6 +157,9 @@ async def expunge_image(ctx: Ctx, p: params.ExpungeImage) -> Outcome:
 async def recover_image(ctx: Ctx, p: params.RecoverImage) -> Outcome:
     """Turn Deleted references Ready again once their agents confirm each file is whole."""
     image = await _image(ctx, p.uuid)
+    if image.status in (ImageStatus.Downloading, ImageStatus.Creating):
+        # Its checksums are recorded when its creation ends: nothing to compare files with yet.
+        raise ApiError(ErrorCode.INVALID_STATE, f"image {p.uuid} is still {image.status}")
     await ctx.tx.inbox.set_image(message_id=ctx.message_id, image_uuid=p.uuid)
     refs = await ctx.tx.images.refs(p.uuid)
     for ref in _deleted_targets(image, refs, p.backupStorageUuids):
@@ -176,21 +179,22 @@ async def recover_image(ctx: Ctx, p: params.RecoverImage) -> Outcome:
 
 
 async def sync_image_size(ctx: Ctx, p: params.SyncImageSize) -> Outcome:
-    """Re-measure the image's file on a Connected holder (a Ready reference first)."""
+    """Re-measure the image's file on a Connected holder of a Ready reference. A Deleted file
+    is outside every guarantee until RecoverImage has checked it: it is never measured."""
     image = await _image(ctx, p.uuid)
-    if image.status not in (ImageStatus.Ready, ImageStatus.Deleted):
+    _refuse_deleted(image)
+    if image.status is not ImageStatus.Ready:
         raise ApiError(ErrorCode.INVALID_STATE, f"image {p.uuid} is still {image.status}")
     await ctx.tx.inbox.set_image(message_id=ctx.message_id, image_uuid=p.uuid)
     holders = [
         r
         for r in await ctx.tx.images.refs(p.uuid)
-        if r.bs_status is _CONNECTED and r.status in (RefStatus.Ready, RefStatus.Deleted)
+        if r.bs_status is _CONNECTED and r.status is RefStatus.Ready
     ]
     if not holders:
         raise ApiError(
             ErrorCode.NO_BACKUP_STORAGE, f"no Connected backup storage holds image {p.uuid}"
         )
-    holders.sort(key=lambda r: r.status is not RefStatus.Ready)
     await start_inspection(ctx, image, holders[0], message_id=ctx.message_id, recover=False)
     return AWAIT_OPS
 

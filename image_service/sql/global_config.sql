@@ -1,7 +1,9 @@
 -- Global configuration (contract section 10): one row per option, inserted by migration 5.
 
 -- name: config_value
-SELECT value FROM global_config WHERE id = :id;
+-- FOR SHARE: an UpdateGlobalConfig waits for the transactions that act on the old value, and
+-- every transaction after it sees the new one; so a change holds from its commit.
+SELECT value FROM global_config WHERE id = :id FOR SHARE;
 
 -- name: config_update
 -- The NOTIFY is delivered when the transaction commits (and not at all if it rolls back): every

@@ -46,10 +46,11 @@ SELECT size, actual_size, virtual_size, md5_sum, sha256_sum FROM image WHERE uui
 SELECT status::text AS status, platform, guest_os_type FROM image WHERE uuid = :uuid;
 
 -- name: image_set_sizes
--- SyncImageSize: what the agent measured now.
+-- SyncImageSize: what the agent measured now. `size` is not among them: the md5 pins it, and
+-- a file of another size is not the image's (the sync fails instead).
 UPDATE image
-SET size = :size, actual_size = :actual_size, virtual_size = :virtual_size, last_op_date = now()
-WHERE uuid = :uuid AND status = ANY(:statuses::image_status[])
+SET actual_size = :actual_size, virtual_size = :virtual_size, last_op_date = now()
+WHERE uuid = :uuid AND status = :ready
 RETURNING uuid;
 
 -- name: images_try_lock
@@ -189,7 +190,8 @@ SELECT image_uuid, install_path
 FROM image_backup_storage_ref WHERE backup_storage_uuid = :backup_storage_uuid
 ORDER BY image_uuid;
 
--- name: ref_ready_at_path
+-- name: ref_holding_path
+-- A Ready reference keeps its file, and so does a Deleted one (until it is expunged).
 SELECT 1 FROM image_backup_storage_ref
 WHERE backup_storage_uuid = :backup_storage_uuid AND install_path = :install_path
-  AND status = :ready;
+  AND status = ANY(:holding::image_status[]);

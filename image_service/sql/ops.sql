@@ -45,6 +45,10 @@ SELECT backup_storage_uuid, result
 FROM op WHERE message_id = :message_id AND status = :succeeded AND kind <> :delete
 ORDER BY finished_at, backup_storage_uuid;
 
+-- name: op_error
+-- What the agent last reported for a Pending op (a delete that failed there and is retried).
+SELECT error_code, error_details FROM op WHERE op_id = :op_id AND status = :pending;
+
 -- name: op_detach_message
 UPDATE op SET message_id = NULL WHERE op_id = :op_id;
 
@@ -54,6 +58,19 @@ UPDATE op SET message_id = NULL WHERE op_id = :op_id;
 UPDATE op SET error_code = :error_code, error_details = :error_details, message_id = NULL
 WHERE op_id = :op_id AND status = :pending
 RETURNING op_id;
+
+-- name: ops_stranded
+-- Pending ops whose backup storage went away after their request saw it there: those of a
+-- deleted backup storage, and of a Disconnected one those that cannot wait for it (downloads,
+-- creations, inspections) or still hold their caller (deletes). `gone`: deleted.
+SELECT o.op_id, o.kind::text AS kind, o.message_id, o.image_uuid, o.backup_storage_uuid,
+       o.command, bs.uuid IS NULL AS gone
+FROM op o LEFT JOIN backup_storage bs ON bs.uuid = o.backup_storage_uuid
+WHERE o.status = :pending
+  AND (bs.uuid IS NULL
+       OR (bs.status = :disconnected AND (o.kind <> :delete OR o.message_id IS NOT NULL)))
+ORDER BY o.image_uuid, o.op_id
+LIMIT 100;
 
 -- name: ops_due_for_resend
 -- The lease: a Pending op whose command was last sent more than :after seconds ago is sent

@@ -133,15 +133,14 @@ class Images(QueryGroup, sql_file="images.sql"):
             return None
         return Origin(ImageStatus(row["status"]), row["platform"], row["guest_os_type"])
 
-    async def set_sizes(self, *, uuid: str, size: int, actual_size: int, virtual_size: int) -> bool:
-        """SyncImageSize: record what was measured (a Ready or Deleted image only)."""
+    async def set_sizes(self, *, uuid: str, actual_size: int, virtual_size: int) -> bool:
+        """SyncImageSize: record what was measured (a Ready image only)."""
         row = await self._row(
             "image_set_sizes",
             uuid=uuid,
-            size=size,
             actual_size=actual_size,
             virtual_size=virtual_size,
-            statuses=[ImageStatus.Ready, ImageStatus.Deleted],
+            ready=ImageStatus.Ready,
         )
         return row is not None
 
@@ -224,7 +223,9 @@ class Images(QueryGroup, sql_file="images.sql"):
             backup_storage_uuid=backup_storage_uuid,
             install_path=install_path,
             ready=ready,
-            allowed=REF_STATUS.allowed_from(ready),
+            # A stored file makes a reference Ready only from its birth status: a Deleted one
+            # comes back through RecoverImage alone (recover_ref).
+            allowed=[s for s in REF_STATUS.allowed_from(ready) if s != RefStatus.Deleted],
         )
         return row is not None
 
@@ -321,12 +322,13 @@ class Images(QueryGroup, sql_file="images.sql"):
         rows = await self._rows("refs_of_bs", backup_storage_uuid=backup_storage_uuid)
         return [HeldImage(**row) for row in rows]
 
-    async def ready_ref_at(self, *, backup_storage_uuid: str, install_path: str) -> bool:
-        """Whether a Ready reference keeps the file at `install_path`."""
+    async def ref_holds(self, *, backup_storage_uuid: str, install_path: str) -> bool:
+        """Whether a reference keeps the file at `install_path` (Ready, or Deleted and not
+        expunged yet)."""
         found = await self._value(
-            "ref_ready_at_path",
+            "ref_holding_path",
             backup_storage_uuid=backup_storage_uuid,
             install_path=install_path,
-            ready=RefStatus.Ready,
+            holding=[RefStatus.Ready, RefStatus.Deleted],
         )
         return found is not None

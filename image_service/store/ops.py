@@ -7,7 +7,7 @@ from typing import Any
 
 from image_service.lifecycle import OP_STATUS, BackupStorageStatus, OpKind, OpStatus
 from image_service.store.group import QueryGroup, Record
-from image_service.store.rows import Cause, OpRow, Succeeded
+from image_service.store.rows import Cause, OpRow, Stranded, Succeeded
 
 _PENDING = OpStatus.Pending
 
@@ -133,6 +133,13 @@ class Ops(QueryGroup, sql_file="ops.sql"):
         )
         return [Succeeded(row["backup_storage_uuid"], row["result"]) for row in rows]
 
+    async def pending_error(self, op_id: uuid.UUID) -> tuple[str, str | None] | None:
+        """The failure the agent reported for a still Pending op, if it reported one."""
+        row = await self._row("op_error", op_id=op_id, pending=_PENDING)
+        if row is None or row["error_code"] is None:
+            return None
+        return row["error_code"], row["error_details"]
+
     async def detach_message(self, op_id: uuid.UUID) -> None:
         """The op goes on, but its caller no longer waits for it."""
         await self._execute("op_detach_message", op_id=op_id)
@@ -147,6 +154,17 @@ class Ops(QueryGroup, sql_file="ops.sql"):
             error_details=error_details,
             pending=_PENDING,
         )
+
+    async def stranded(self) -> list[Stranded]:
+        """Pending ops of backup storages that are gone or Disconnected and should not wait
+        (at most 100)."""
+        rows = await self._rows(
+            "ops_stranded",
+            pending=_PENDING,
+            disconnected=BackupStorageStatus.Disconnected,
+            delete=OpKind.delete,
+        )
+        return [Stranded(_op(row), row["gone"]) for row in rows]
 
     async def due_for_resend(self, *, after: float) -> list[OpRow]:
         """Pending ops of Connected agents last sent more than `after` seconds ago, marked as

@@ -127,6 +127,14 @@ class OpRow:
 
 
 @dataclass(frozen=True, slots=True)
+class Stranded:
+    """A Pending op whose backup storage went away; `gone`: it was deleted."""
+
+    op: OpRow
+    gone: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Cause:
     """Why an op failed on one backup storage (an entry of a reply's `causes`)."""
 

@@ -11,19 +11,19 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
 from image_service.globalconfig import OPTIONS
 from image_service.protocol.agent import Capacity
-from tests.conftest import AMQP_URL, Agent, EventRecorder, PgStack, Stack, wait_for
+from tests.conftest import Agent, EventRecorder, PgStack, Stack, wait_for
 from tests.helpers import (
     BARRIER_BINDING,
     add_ready,
     error_of,
     events_delivered,
+    image_cli,
     install_path,
     md5_of,
     publish_result,
@@ -100,26 +100,6 @@ def journalled_deletes(agent: Agent) -> dict[str, int]:
     return counts
 
 
-def cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "image_service.cli",
-            "--amqp-url",
-            AMQP_URL,
-            "--namespace",
-            stack.namespace,
-            "--timeout",
-            "30",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 # === global configuration ===================================================================
 
 
@@ -141,18 +121,26 @@ async def test_global_config_defaults_update_and_the_command_line(stack: Stack) 
     assert "Delay" in by_name["deletionPolicy"]["description"]
 
     # The operator's command line, as the issue gives it.
-    done = cli(stack, "UpdateGlobalConfig", "category=image", "name=deletionPolicy", "value=Delay")
-    assert done.returncode == 0, done.stderr
-    printed = json.loads(done.stdout)
+    code, out, err = await image_cli(
+        stack, "UpdateGlobalConfig", "category=image", "name=deletionPolicy", "value=Delay"
+    )
+    assert code == 0, err
+    printed = json.loads(out)
     assert printed["success"] and printed["inventory"]["value"] == "Delay", printed
-    done = cli(stack, "UpdateGlobalConfig", "category=image", "name=expungePeriod", "value=3600")
-    assert done.returncode == 0, done.stderr
-    listed = cli(stack, "QueryGlobalConfig", "category=image", "name=deletionPolicy")
-    assert listed.returncode == 0, listed.stderr
-    assert [c["value"] for c in json.loads(listed.stdout)["inventories"]] == ["Delay"]
-    refused = cli(stack, "UpdateGlobalConfig", "category=image", "name=deletionPolicy", "value=x")
-    assert refused.returncode == 1
-    assert json.loads(refused.stdout)["error"]["code"] == "INVALID_ARGUMENT"
+    code, _, err = await image_cli(
+        stack, "UpdateGlobalConfig", "category=image", "name=expungePeriod", "value=3600"
+    )
+    assert code == 0, err
+    code, out, err = await image_cli(
+        stack, "QueryGlobalConfig", "category=image", "name=deletionPolicy"
+    )
+    assert code == 0, err
+    assert [c["value"] for c in json.loads(out)["inventories"]] == ["Delay"]
+    code, out, _ = await image_cli(
+        stack, "UpdateGlobalConfig", "category=image", "name=deletionPolicy", "value=x"
+    )
+    assert code == 1
+    assert json.loads(out)["error"]["code"] == "INVALID_ARGUMENT"
 
     # A number is taken as its text; the stored value is canonical.
     assert (await set_config(stack, "expungePeriod", 60))["value"] == "60"
@@ -436,13 +424,10 @@ async def test_a_deleted_image_is_refused_and_deleting_it_again_changes_nothing(
         ("GetImageSource", {"uuid": image_uuid}),
         ("ChangeImageState", {"uuid": image_uuid, "stateEvent": "disable"}),
         ("UpdateImage", {"uuid": image_uuid, "name": "renamed"}),
+        # A Deleted file is not measured before RecoverImage has checked it.
         ("SyncImageSize", {"uuid": image_uuid}),
     ):
         reply = await stack.call(api, params)
-        if api == "SyncImageSize":
-            # Re-measuring a Deleted image's kept file is allowed: it changes no status.
-            assert reply["success"] and reply["inventory"]["status"] == "Deleted", reply
-            continue
         assert error_of(reply)["code"] == "INVALID_STATE", (api, reply)
     # A template of a volume made from the Deleted image is refused too.
     volume = vroot / "root.qcow2"
@@ -570,7 +555,7 @@ async def test_sync_image_size_measures_the_file_again(stack: Stack) -> None:
     inventory = await add_ready(stack, [agent], name="measured")
     image_uuid = inventory["uuid"]
     await stack.db.execute(
-        "UPDATE image SET size = 1, actual_size = 2, virtual_size = 3 WHERE uuid = $1", image_uuid
+        "UPDATE image SET actual_size = 2, virtual_size = 3 WHERE uuid = $1", image_uuid
     )
     reply = await stack.call("SyncImageSize", {"uuid": image_uuid})
     assert reply["success"], reply
@@ -580,6 +565,16 @@ async def test_sync_image_size_measures_the_file_again(stack: Stack) -> None:
         inventory["actualSize"],
         inventory["virtualSize"],
     )
+    # A file of another size than the image's (its md5 pins it) is not the image's file:
+    # nothing is recorded from it.
+    path = stored(agent, inventory)
+    with path.open("ab") as f:
+        f.write(b"appended by someone")
+    reply = await stack.call("SyncImageSize", {"uuid": image_uuid})
+    assert error_of(reply)["code"] == "CHECKSUM_MISMATCH", reply
+    row = await stack.image_row(image_uuid)
+    assert row is not None
+    assert (row["size"], row["actual_size"]) == (inventory["size"], inventory["actualSize"])
     agent.proc.kill()
     await wait_disconnected(stack, agent)
     reply = await stack.call("SyncImageSize", {"uuid": image_uuid})
@@ -761,6 +756,80 @@ async def test_a_cut_listen_connection_is_made_again(stack: Stack) -> None:
     await set_config(stack, "deletionPolicy", "Delay")
     await wait_gone(stack, inventory["uuid"], timeout=10)
     assert stack.services[0].running
+
+
+async def test_a_replayed_download_result_keeps_the_file_of_a_deleted_reference(
+    stack: Stack,
+) -> None:
+    """An agent publishes a result again after a restart, and the service asks again after
+    an outage: a success that arrives once more after a Delay deletion must leave the kept
+    file alone (it is a Deleted reference's, not a stray one)."""
+    agent = await stack.start_agent("bs0")
+    await set_config(stack, "deletionPolicy", "Delay")
+    inventory = await add_ready(stack, [agent], name="kept")
+    image_uuid = inventory["uuid"]
+    original = await stack.db.fetchval(
+        "SELECT result::text FROM op WHERE image_uuid = $1 AND kind = 'download'", image_uuid
+    )
+    await delete(stack, image_uuid)
+    await publish_result(stack.names, agent.uuid, original.encode())
+
+    # The replay has been handled once a delete op shows up, or once a later result has been
+    # applied after it: a second image's AddImage is that marker.
+    await add_ready(stack, [agent], name="marker")
+    assert (
+        await stack.db.fetchval(
+            "SELECT count(*) FROM op WHERE kind = 'delete' AND image_uuid = $1", image_uuid
+        )
+        == 0
+    )
+    assert stored(agent, inventory).exists()
+    reply = await stack.call("RecoverImage", {"uuid": image_uuid})
+    assert reply["success"] and reply["inventory"]["status"] == "Ready", reply
+
+
+async def test_ops_committed_after_their_backup_storage_went_away_are_released(
+    stack: Stack,
+) -> None:
+    """A RecoverImage that saw its holder Connected, committed just after the holder was
+    handled as Disconnected (or deleted), would wait for good: the monitor releases it. The
+    race is set up by changing the backup storage's row behind the service's back, as the
+    other transaction would have."""
+    agents = [await stack.start_agent(f"bs{i}", "--heartbeat-interval", "30") for i in range(2)]
+    await set_config(stack, "deletionPolicy", "Never")
+    for agent, how in zip(agents, ("Disconnected", "deleted"), strict=True):
+        inventory = await add_ready(stack, [agent], name=f"stranded-{how}")
+        await delete(stack, inventory["uuid"])
+        assert agent.proc.process is not None
+        os.kill(agent.proc.process.pid, signal.SIGSTOP)
+        try:
+            recovering = asyncio.ensure_future(
+                stack.call("RecoverImage", {"uuid": inventory["uuid"]}, timeout=30)
+            )
+
+            async def pending() -> bool:
+                n = await stack.db.fetchval(
+                    "SELECT count(*) FROM op WHERE kind = 'inspect' AND status = 'Pending'"
+                )
+                return bool(n)
+
+            await wait_for(pending, timeout=10)
+            if how == "Disconnected":
+                await stack.db.execute(
+                    "UPDATE backup_storage SET status = 'Disconnected' WHERE uuid = $1", agent.uuid
+                )
+                expected = "INVALID_STATE"
+            else:
+                await stack.db.execute("DELETE FROM backup_storage WHERE uuid = $1", agent.uuid)
+                expected = "OPERATION_ERROR"
+            error = error_of(await recovering)
+            assert error["code"] == expected, error
+        finally:
+            os.kill(agent.proc.process.pid, signal.SIGCONT)
+    rows = await stack.db.fetch(
+        "SELECT ref_op FROM image_backup_storage_ref WHERE ref_op IS NOT NULL"
+    )
+    assert rows == [], "a released recovery leaves no claim behind"
 
 
 # === the store, without processes ==========================================================

@@ -17,20 +17,18 @@ import asyncio
 import json
 import random
 import re
-import sys
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import asyncpg
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import AMQP_URL, PgStack, Stack, wait_for
-from tests.helpers import Service
+from tests.conftest import PgStack, Stack, wait_for
+from tests.helpers import Service, cli, image_cli
 
 BASE = datetime(2024, 3, 1, 12, 0, 0, tzinfo=UTC)
 NO_VALUE = object()
@@ -1295,34 +1293,6 @@ async def test_hypothesis_condition_lists_agree_with_python_model(pg: PgStack) -
 
 
 # --- the command line ---------------------------------------------------------------------
-
-
-async def _run_cli(stack: Stack, program: list[str], *args: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        *program,
-        "--amqp-url",
-        AMQP_URL,
-        "--namespace",
-        stack.namespace,
-        "--timeout",
-        "30",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
-
-
-async def cli(stack: Stack, *args: str) -> tuple[int, str, str]:
-    """`python -m image_service.cli`."""
-    return await _run_cli(stack, [sys.executable, "-m", "image_service.cli"], *args)
-
-
-async def image_cli(stack: Stack, *args: str) -> tuple[int, str, str]:
-    """The installed `image-cli` console script."""
-    return await _run_cli(stack, [str(Path(sys.executable).with_name("image-cli"))], *args)
 
 
 async def test_command_line_queries(stack: Stack) -> None:

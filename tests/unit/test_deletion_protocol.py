@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from pathlib import Path
 
@@ -106,7 +107,9 @@ def test_capacity_comes_whole_or_not_at_all() -> None:
     assert beat.capacitySeq == 3
 
 
-def test_measurements_are_numbered_in_order_across_restarts(tmp_path: Path) -> None:
+def test_measurements_are_numbered_in_order_across_restarts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     layout = Layout(tmp_path)
     layout.prepare()
 
@@ -120,6 +123,16 @@ def test_measurements_are_numbered_in_order_across_restarts(tmp_path: Path) -> N
     after = asyncio.run(measure_twice(1 << 30))  # a restart of the agent
     assert before[0] < before[1] < after[0] < after[1]
     assert max(after) < 2**63
+    # A directory replaced or restored from a backup (its count lost or set back), a minute
+    # later, still numbers after everything the service saw: the clock is the floor.
+    later = time.time() + 60
+    monkeypatch.setattr("backup_agent.layout.time.time", lambda: later)
+    (tmp_path / ".agent" / "incarnation.json").write_text('{"incarnation": 1}')
+    restored = asyncio.run(measure_twice(1 << 30))
+    assert restored[0] > after[1]
+    monkeypatch.setattr("backup_agent.layout.time.time", lambda: later + 60)
+    (tmp_path / ".agent" / "incarnation.json").write_text("not json")
+    assert asyncio.run(measure_twice(1 << 30))[0] > restored[1]
 
 
 def test_the_options_and_their_values() -> None:

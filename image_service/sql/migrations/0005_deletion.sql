@@ -50,5 +50,6 @@ INSERT INTO global_config (id, category, name, value, default_value, description
      ' (status Deleted) until ExpungeImage or expungePeriod seconds later; Never keeps them'
      ' until ExpungeImage.'),
     ('image.expungePeriod', 'image', 'expungePeriod', '86400', '86400',
-     'Seconds a Deleted image reference is kept before it is expunged (deletion policy Delay).')
+     'Seconds a Deleted image reference is kept before the expunger removes it (under every'
+     ' deletion policy but Never).')
 ON CONFLICT (id) DO NOTHING;
