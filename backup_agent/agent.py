@@ -154,6 +154,14 @@ class Agent:
             return
         entry = self.journal.get(command.opId)
         if entry is not None:
+            failed = entry.result is not None and not entry.result.success
+            if failed and isinstance(command, DeleteCommand):
+                # A delete that failed (a file it could not remove then) is what the service
+                # re-sends it for: try it again; removing is idempotent.
+                self.journal.begin(command.opId, command.model_dump(mode="json"))
+                if command.opId not in self.running:
+                    self._launch(command)
+                return
             if entry.result is not None:
                 await self._publish_result(entry)  # the service asks again: answer again
             elif command.opId not in self.running:

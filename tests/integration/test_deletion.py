@@ -519,6 +519,35 @@ async def test_a_disconnected_holder_defers_the_expunge_until_it_returns(stack: 
     assert set((await delete_ops(stack)).values()) == {1}
 
 
+async def test_an_expunge_the_agent_cannot_do_is_reported_and_tried_again(stack: Stack) -> None:
+    agent = await stack.start_agent("bs0")
+    await set_config(stack, "deletionPolicy", "Never")
+    inventory = await add_ready(stack, [agent], name="stuck")
+    image_uuid = inventory["uuid"]
+    await delete(stack, image_uuid)
+    # Something the agent cannot unlink now: a directory where the file was.
+    path = stored(agent, inventory)
+    path.unlink()
+    path.mkdir()
+    (path / "blocker").write_bytes(b"x")
+
+    reply = await stack.call("ExpungeImage", {"uuid": image_uuid})
+    assert reply["success"], reply
+    assert refs_of(reply["inventory"]) == {agent.uuid: "Deleted"}, "kept until it is gone"
+    [cause] = reply["causes"]
+    assert (cause["backupStorageUuid"], cause["code"]) == (agent.uuid, "OPERATION_ERROR")
+    assert "tries again" in cause["details"]
+
+    # Once the obstacle is gone, the delete the service re-sends is run again by the agent
+    # (not answered with the failure it journalled), and the expunge completes.
+    for child in path.iterdir():
+        child.unlink()
+    path.rmdir()
+    await wait_gone(stack, image_uuid, timeout=20)
+    assert set((await delete_ops(stack)).values()) == {1}
+    assert not (agent.root / "templates" / image_uuid).exists()
+
+
 # === capacity ==============================================================================
 
 
