@@ -67,6 +67,7 @@ class Agent:
     def __init__(self, settings: AgentSettings) -> None:
         self.settings = settings
         self.layout = Layout(settings.root.resolve())
+        self.gauge = Gauge(self.layout, settings.capacity)
         self.journal = Journal(self.layout.ops)
         self.names = Names(settings.namespace)
         broker = settings.broker("backup-agent")
@@ -81,7 +82,6 @@ class Agent:
     async def start(self) -> None:
         self.layout.prepare()
         self.uuid = self.layout.identity(self.settings.backup_storage_uuid)
-        self.gauge = Gauge(self.layout, self.settings.capacity)
         self.work = self._make_work()
         await self.bus.connect()
         await self.bus.declare_agent_topology(self.uuid)
@@ -227,6 +227,7 @@ class Agent:
             self._progress,
             self._placing,
             self._was_placing,
+            self.gauge,
         )
 
     def _placing(self, command: AgentCommand, path: Path) -> None:

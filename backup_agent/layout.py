@@ -9,11 +9,13 @@ ROOT/.agent/partial/<opId>                   downloads in progress, never under 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,12 +142,23 @@ class Layout:
                     continue
         return total
 
-    def capacity(self, quota: int | None) -> Capacity:
+    def capacity(self, quota: int | None, used: int | None = None) -> Capacity:
+        """The file system's size and free space; with a quota, the quota and what is left of
+        it (`used`: the bytes under templates/, walked for when not given)."""
         usage = shutil.disk_usage(self.root)
         if quota is None:
             return Capacity(total=usage.total, available=usage.free)
-        used = self.used_bytes()
+        if used is None:
+            used = self.used_bytes()
         return Capacity(total=quota, available=max(0, min(usage.free, quota - used)))
+
+
+def allocated(path: Path) -> int:
+    """The bytes a file occupies on disk; 0 when it is not there."""
+    try:
+        return path.stat().st_blocks * 512
+    except FileNotFoundError:
+        return 0
 
 
 class Gauge:
@@ -157,20 +170,48 @@ class Gauge:
     # 2^24 measurements per incarnation (then a new one): with an incarnation of the clock's
     # seconds, sequence numbers stay below 2^63 for thousands of years.
     COUNTER_BITS = 24
+    # With a quota, the bytes under templates/ are walked for at the first measurement and
+    # then tracked: the agent changes them only inside `changing`, which reports each change.
+    # A walk this often still finds what was changed behind the agent's back. Walking at every
+    # result would cost a stat of every stored file each time (tests/benchmarks).
+    REWALK_AFTER = 60.0
 
     def __init__(self, layout: Layout, quota: int | None) -> None:
         self.layout = layout
         self.quota = quota
         self._lock = asyncio.Lock()
-        self._incarnation = layout.next_incarnation()
+        self._incarnation: int | None = None  # taken at the first measurement
         self._count = 0
+        self._used: int | None = None
+        self._walked = 0.0
+
+    @contextlib.asynccontextmanager
+    async def changing(self) -> AsyncIterator[Callable[[int], None]]:
+        """Change files under templates/ while no measurement is under way; report the bytes
+        each change added (negative: freed) through the callable yielded."""
+        async with self._lock:
+            yield self._adjust
+
+    def _adjust(self, delta: int) -> None:
+        if self._used is not None:
+            self._used = max(0, self._used + delta)
+
+    async def _used_bytes(self) -> int | None:
+        if self.quota is None:
+            return None
+        now = time.monotonic()
+        if self._used is None or now - self._walked >= self.REWALK_AFTER:
+            self._used = await asyncio.to_thread(self.layout.used_bytes)
+            self._walked = now
+        return self._used
 
     async def measure(self) -> Capacity:
         async with self._lock:
             self._count += 1
-            if self._count >= 1 << self.COUNTER_BITS:
+            if self._incarnation is None or self._count >= 1 << self.COUNTER_BITS:
                 self._incarnation = await asyncio.to_thread(self.layout.next_incarnation)
                 self._count = 1
             seq = (self._incarnation << self.COUNTER_BITS) | self._count
-            measured = await asyncio.to_thread(self.layout.capacity, self.quota)
+            used = await self._used_bytes()
+            measured = await asyncio.to_thread(self.layout.capacity, self.quota, used)
             return Capacity(measured.total, measured.available, seq)

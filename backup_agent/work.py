@@ -18,7 +18,7 @@ from backup_agent.config import AgentSettings
 from backup_agent.conversion import flatten, hash_file, materialize, remove_tree
 from backup_agent.fetchers import OpFailure
 from backup_agent.inspection import ImageFacts, check_virtual_size, inspect_image
-from backup_agent.layout import Layout, PathRejected, fsync_dir
+from backup_agent.layout import Gauge, Layout, PathRejected, allocated, fsync_dir
 from backup_agent.slots import Slots
 from backup_agent.transfer import Progress, receive
 from image_service.protocol.agent import (
@@ -52,9 +52,12 @@ class Work:
         report_progress: ReportProgress,
         placing: Placing,
         was_placing: WasPlacing,
+        gauge: Gauge,
     ) -> None:
         self.settings = settings
         self.layout = layout
+        # Measures capacity; every change under templates/ goes through `gauge.changing`.
+        self.gauge = gauge
         self.uuid = backup_storage_uuid
         # The agent's running ops, by op id: a delete cancels those it names.
         self.running = running
@@ -105,8 +108,11 @@ class Work:
             )
         final.parent.mkdir(parents=True, exist_ok=True)
         self._placing(command, final)
-        os.replace(partial, final)
-        fsync_dir(final.parent)
+        async with self.gauge.changing() as changed:
+            before = allocated(final)  # a resumed move's own earlier file
+            os.replace(partial, final)
+            fsync_dir(final.parent)
+            changed(allocated(final) - before)
         stored = StoredFile(
             # The path as the command named it: the service records only that one.
             installPath=command.installPath,
@@ -133,7 +139,7 @@ class Work:
     async def _download(self, command: DownloadCommand) -> AgentResult:
         final = self._target(command)
         async with self.slots.download() as ticket:
-            capacity = await asyncio.to_thread(self.layout.capacity, self.settings.capacity)
+            capacity = await self.gauge.measure()
             partial = self.layout.partial_path(command.opId)
             received = await receive(
                 command.url,
@@ -166,7 +172,7 @@ class Work:
     async def _create(self, command: CreateCommand) -> AgentResult:
         final = self._target(command)
         async with self.slots.exclusive():
-            capacity = await asyncio.to_thread(self.layout.capacity, self.settings.capacity)
+            capacity = await self.gauge.measure()
             partial = self.layout.partial_path(command.opId)
             workdir = partial.with_name(f"{partial.name}.chain")
             try:
@@ -249,7 +255,10 @@ class Work:
         except PathRejected as exc:
             log.error("delete of %s refused: %s", command.installPath, exc)
         else:
-            path.unlink(missing_ok=True)
+            async with self.gauge.changing() as changed:
+                freed = allocated(path)
+                path.unlink(missing_ok=True)
+                changed(-freed)
             with contextlib.suppress(OSError):
                 path.parent.rmdir()  # only when empty
         return AgentResult.done(command, self.uuid)

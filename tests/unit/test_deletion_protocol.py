@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import uuid
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from backup_agent.layout import Gauge, Layout
+from backup_agent.layout import Gauge, Layout, allocated
 from image_service import params
 from image_service.cli import build_params
 from image_service.globalconfig import (
@@ -174,3 +175,34 @@ def test_update_global_config_parameters() -> None:
     ]
     listed = build_params("ExpungeImage", [f"uuid={IMG}", f"backupStorageUuids={BS},{IMG}"])
     assert listed["backupStorageUuids"] == [BS, IMG]
+
+
+def test_the_gauge_tracks_what_the_agent_changes_and_walks_for_the_rest(tmp_path: Path) -> None:
+    layout = Layout(tmp_path)
+    layout.prepare()
+    quota = 1 << 30
+
+    async def scenario() -> None:
+        gauge = Gauge(layout, quota)
+        assert (await gauge.measure()).available == layout.capacity(quota).available
+        directory = layout.templates / IMG
+        directory.mkdir()
+        stored = directory / "x.template"
+        async with gauge.changing() as changed:
+            stored.write_bytes(os.urandom(3 * 4096))
+            changed(allocated(stored))
+        assert (await gauge.measure()).available == quota - allocated(stored)
+        # A file changed behind the agent's back counts from the next walk on.
+        outside = directory / "outside"
+        outside.write_bytes(os.urandom(8192))
+        assert (await gauge.measure()).available == quota - allocated(stored)
+        gauge.REWALK_AFTER = 0.0
+        assert (await gauge.measure()).available == layout.capacity(quota).available
+        gauge.REWALK_AFTER = 3600.0
+        async with gauge.changing() as changed:
+            freed = allocated(stored)
+            stored.unlink()
+            changed(-freed)
+        assert (await gauge.measure()).available == quota - allocated(outside)
+
+    asyncio.run(scenario())
