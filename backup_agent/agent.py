@@ -24,6 +24,7 @@ from backup_agent.conversion import remove_tree
 from backup_agent.fetchers import OpFailure
 from backup_agent.journal import Entry, Journal
 from backup_agent.layout import Gauge, Layout
+from backup_agent.monitoring import AgentMetrics, MetricsServer
 from backup_agent.work import Work
 from image_service.protocol.agent import (
     AgentCommand,
@@ -33,6 +34,7 @@ from image_service.protocol.agent import (
     command_from_dict,
     parse_command,
 )
+from image_service.protocol.config import split_host_port
 from image_service.protocol.errors import ErrorCode, validation_details
 from image_service.protocol.events import ImageProgress
 from image_service.protocol.names import Names
@@ -78,8 +80,14 @@ class Agent:
         self.running: dict[str, asyncio.Task[None]] = {}
         self._heartbeat: asyncio.Task[None] | None = None
         self._stopping = False
+        self.metrics = AgentMetrics()
+        self._http: MetricsServer | None = None
 
     async def start(self) -> None:
+        if self.settings.http_listen is not None:
+            # First: a port that cannot be had ends the start before anything else is done.
+            self._http = MetricsServer(self.metrics)
+            await self._http.start(*split_host_port(self.settings.http_listen))
         self.layout.prepare()
         self.uuid = self.layout.identity(self.settings.backup_storage_uuid)
         self.work = self._make_work()
@@ -123,6 +131,8 @@ class Agent:
             self._heartbeat.cancel()
             await asyncio.gather(self._heartbeat, return_exceptions=True)
         await self.bus.close()
+        if self._http is not None:
+            await self._http.stop()
 
     # --- commands ------------------------------------------------------------------------
 
@@ -199,6 +209,7 @@ class Agent:
 
     async def _execute(self, command: AgentCommand) -> None:
         op_id = command.opId
+        self.metrics.started(command.command)
         try:
             result = await self.work.run(command)
         except OpFailure as exc:
@@ -215,6 +226,9 @@ class Agent:
             result = AgentResult.failed(op_id, self.uuid, ErrorCode.INTERNAL_ERROR, details)
         finally:
             self.running.pop(op_id, None)
+        self.metrics.finished(
+            command.command, None if result.success else result.code or "other", result.size
+        )
         entry = self.journal.finish(op_id, command.model_dump(mode="json"), result)
         await self._publish_result(entry)
 
@@ -250,6 +264,7 @@ class Agent:
             # The result matters more than the figures: the next heartbeat brings them.
             log.warning("capacity not measured for the result of %s: %r", entry.op_id, exc)
         else:
+            self.metrics.capacity(capacity.total, capacity.available)
             result = result.model_copy(
                 update={
                     "totalCapacity": capacity.total,
@@ -291,6 +306,7 @@ class Agent:
     async def _beat(self) -> None:
         interval = self.settings.heartbeat_interval
         capacity = await self.gauge.measure()
+        self.metrics.capacity(capacity.total, capacity.available)
         beat = Heartbeat(
             uuid=self.uuid,
             name=self.settings.name,

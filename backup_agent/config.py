@@ -17,7 +17,7 @@ from backup_agent.fetchers import FetchSettings
 from backup_agent.netpolicy import NetworkPolicy, parse_networks
 from backup_agent.transfer import Limits
 from image_service.protocol.agent import Uuid32
-from image_service.protocol.config import BusSettings, LogLevel
+from image_service.protocol.config import BusSettings, HostPort, LogLevel
 
 Seconds = Annotated[float, Field(gt=0, le=3600)]
 ByteCount = Annotated[int, Field(ge=1, lt=2**63)]
@@ -104,6 +104,9 @@ class AgentSettings(BusSettings):
         None,
         description="the only broker user whose commands are obeyed (default: the user of"
         " --amqp-url, so that one shared development account keeps working)",
+    )
+    http_listen: HostPort | None = Field(
+        None, description="HOST:PORT of this agent's /metrics and /healthz (default: no HTTP)"
     )
     log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, SecretStr
 
-from image_service.protocol.config import BusSettings, LogLevel
+from image_service.protocol.config import BusSettings, HostPort, LogLevel
 
 
 def _postgres_url(value: str) -> str:
@@ -54,6 +54,24 @@ class ServiceSettings(BusSettings):
         ".*",
         description="broker users allowed to register a new backup storage (a regular"
         " expression the whole user name must match)",
+    )
+    http_listen: HostPort | None = Field(
+        None,
+        description="HOST:PORT of ZStack's API portal, /metrics, /healthz and /readyz"
+        " (default: no HTTP)",
+    )
+    http_wait: Annotated[float, Field(ge=0, le=300)] = Field(
+        5.0,
+        description="seconds a portal call may take and still be answered Done at once (longer"
+        " ones answer Processing, polled at /zstack/api/result/UUID)",
+    )
+    session_timeout: Seconds = Field(
+        7200.0, description="seconds a portal session lives without being used"
+    )
+    admin_password: SecretStr = Field(
+        SecretStr("password"),
+        description="the password of account admin, created at the first start (later:"
+        " image-service set-password admin)",
     )
     log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")
 

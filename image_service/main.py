@@ -1,12 +1,17 @@
-"""`image-service`: run the service, or `image-service migrate` to only create/migrate the schema."""
+"""`image-service`: run the service; `image-service migrate` only creates or migrates the schema;
+`image-service set-password ACCOUNT` sets a portal account's password (read from standard input,
+or asked twice on a terminal) and ends the account's sessions."""
 
 from __future__ import annotations
 
 import asyncio
+import getpass
 import logging
 import signal
+import sys
 
 from image_service.config import ServiceSettings
+from image_service.portal.accounts import set_password
 from image_service.protocol.config import exit_with, options_parser, settings_from
 from image_service.protocol.transport import WrongBrokerUser
 from image_service.service import run_forever
@@ -15,15 +20,54 @@ from image_service.store import LATEST_VERSION, SchemaTooNew, Store
 PROG = "image-service"
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[str, ServiceSettings]:
+def parse_args(argv: list[str] | None = None) -> tuple[str, str | None, bool, ServiceSettings]:
     parser = options_parser(ServiceSettings, prog=PROG, description=__doc__)
-    parser.add_argument("command", nargs="?", choices=["run", "migrate"], default="run")
+    parser.add_argument(
+        "command", nargs="?", choices=["run", "migrate", "set-password"], default="run"
+    )
+    parser.add_argument("account", nargs="?", help="set-password: the account")
+    parser.add_argument(
+        "--create", action="store_true", help="set-password: create the account if it is new"
+    )
     args = parser.parse_args(argv)
+    if args.command == "set-password" and not args.account:
+        parser.error("set-password needs the ACCOUNT")
+    if args.command != "set-password" and (args.account or args.create):
+        parser.error("ACCOUNT and --create go with set-password only")
     settings = settings_from(ServiceSettings, parser, args)
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return str(args.command), settings
+    return str(args.command), args.account, bool(args.create), settings
+
+
+def _read_password() -> str:
+    """A new password: asked twice on a terminal, else the first line of standard input."""
+    if sys.stdin.isatty():
+        first = getpass.getpass("new password: ")
+        if first != getpass.getpass("again: "):
+            exit_with(PROG, "the two passwords differ", 1)
+        password = first
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if not password:
+        exit_with(PROG, "the password is empty", 1)
+    return password
+
+
+async def _set_password(settings: ServiceSettings, account: str, create: bool) -> None:
+    password = _read_password()
+    store = await Store.open(settings.database_url, min_size=1, max_size=1)
+    try:
+        await store.migrate()
+        async with store.transaction() as tx:
+            created = await set_password(tx, account, password, create=create)
+    except LookupError:
+        exit_with(PROG, f"no account {account!r} (--create makes it)", 1)
+    finally:
+        await store.close()
+    what = "created" if created else "password changed; its sessions are ended"
+    print(f"account {account!r}: {what}")
 
 
 async def _migrate(settings: ServiceSettings) -> list[int]:
@@ -43,9 +87,12 @@ async def _run(settings: ServiceSettings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    command, settings = parse_args(argv)
+    command, account, create, settings = parse_args(argv)
     try:
-        if command == "migrate":
+        if command == "set-password":
+            assert account is not None
+            asyncio.run(_set_password(settings, account, create))
+        elif command == "migrate":
             applied = asyncio.run(_migrate(settings))
             done = ", ".join(str(v) for v in applied) if applied else "none pending"
             logging.getLogger(PROG).info("schema at version %d (applied: %s)", LATEST_VERSION, done)

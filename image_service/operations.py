@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from image_service.deletion import schedule_delete
 from image_service.errors import ErrorCode
 from image_service.lifecycle import OpKind, OpStatus
+from image_service.metrics import METRICS
 from image_service.pipeline import Ctx
 from image_service.protocol.agent import AgentResult, FileFacts, InspectCommand
 from image_service.settlement import settle_image, settle_message
@@ -121,6 +122,8 @@ async def apply_result(ctx: Ctx, result: AgentResult, *, sender: str) -> None:
             )
             if not marked:
                 await _drop_stale(ctx, op, result)
+            elif op.kind is OpKind.download:
+                METRICS.downloaded_bytes.inc(stored.size)
         else:
             await ctx.tx.images.delete_ref(
                 image_uuid=op.image_uuid, backup_storage_uuid=result.backupStorageUuid

@@ -28,6 +28,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from image_service.errors import ApiError, ErrorCode
+from image_service.metrics import METRICS, outcome_of
 from image_service.outbox import Outbox, encode
 from image_service.params import Envelope
 from image_service.protocol.errors import validation_details
@@ -135,6 +136,21 @@ class Pipeline:
         self.apis = apis
         self.settle = settle
 
+    async def submit(self, message_id: str, body: bytes) -> None:
+        """Run an API message that came another way than the bus (the HTTP portal): the same
+        order of operations, with no one to send the reply to; it waits in the inbox under
+        `message_id`. Raises RetryLater when the database is lost before the commit."""
+        await self.on_api(
+            Incoming(
+                body=body,
+                message_id=message_id,
+                reply_to=None,
+                correlation_id=None,
+                routing_key=None,
+                redelivered=False,
+            )
+        )
+
     async def on_api(self, msg: Incoming) -> None:
         message_id = msg.message_id or f"generated-{uuid.uuid4().hex}"
         if msg.reply_to and self.transactions.names.is_internal(msg.reply_to):
@@ -188,6 +204,7 @@ class Pipeline:
         Should that publish fail, the delivery is not acked; its redelivery finds the stored
         reply."""
         transactions = self.transactions
+        started = time.monotonic()
         checked = self._validate(envelope)
         admission: AbstractAsyncContextManager[None] = nullcontext()
         if not isinstance(checked, dict) and checked[0].admit is not None:
@@ -221,8 +238,9 @@ class Pipeline:
             async with transactions.open(message_id) as ctx:
                 await self._duplicate(ctx, msg, correlation_id)
             return
+        METRICS.answered(envelope.api, outcome_of(body), time.monotonic() - started)
         if not msg.reply_to:
-            log.info("message %r (%s) had no reply_to", message_id, envelope.api)
+            log.debug("message %r (%s) had no reply_to", message_id, envelope.api)
             return
         try:
             await self.bus.publish_reply(msg.reply_to, payload, correlation_id=correlation_id)

@@ -1,5 +1,5 @@
 """Forgetting what is no longer needed: replies kept for duplicates and finished ops, once
-older than the retention (7 days by default, PROTOCOL.md A.7)."""
+older than the retention (7 days by default, PROTOCOL.md A.7), and expired portal sessions."""
 
 from __future__ import annotations
 
@@ -30,3 +30,4 @@ class Pruner:
         async with self.transactions.open() as ctx:
             await ctx.tx.inbox.prune(older_than=self.retention)
             await ctx.tx.ops.prune(older_than=self.retention)
+            await ctx.tx.accounts.prune_sessions()

@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 from image_service.errors import ApiError
+from image_service.metrics import METRICS, outcome_of
 from image_service.outbox import Outbox
 from image_service.store import Tx
 
@@ -22,10 +23,11 @@ def error_reply(api: str | None, error: ApiError) -> dict[str, Any]:
 
 async def finish_message(tx: Tx, outbox: Outbox, message_id: str, body: dict[str, Any]) -> None:
     """Store the final reply of `message_id` and send it to its caller and any waiters."""
-    caller = await tx.inbox.finish(message_id=message_id, reply=body)
-    if caller is None:
+    finished = await tx.inbox.finish(message_id=message_id, reply=body)
+    if finished is None:
         return  # already finished: a duplicate completion, nothing to send twice
-    targets = [caller, *await tx.inbox.waiters(message_id)]
+    METRICS.answered(finished.api or None, outcome_of(body), finished.elapsed)
+    targets = [finished.caller, *await tx.inbox.waiters(message_id)]
     sent = False
     for target in targets:
         if target.reply_to:

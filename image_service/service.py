@@ -18,8 +18,18 @@ from image_service.api import APIS
 from image_service.config import ServiceSettings
 from image_service.expunger import Expunger
 from image_service.globalconfig import CONFIG_CHANNEL, DELETED_CHANNEL
+from image_service.metrics import METRICS
 from image_service.monitor import Monitor, MonitorSettings
 from image_service.pipeline import Pipeline, Transactions
+from image_service.portal.accounts import ensure_admin
+from image_service.portal.server import (
+    FINISHED_CHANNEL,
+    PROBE_FAILED,
+    PROBE_TIMEOUT,
+    Portal,
+    PortalSettings,
+)
+from image_service.protocol.config import split_host_port
 from image_service.protocol.names import Names
 from image_service.protocol.transport import Bus
 from image_service.pruning import Pruner
@@ -43,6 +53,9 @@ class ImageService:
         self._tasks: list[asyncio.Task[None]] = []
         self._relay: Relay | None = None
         self._store: Store | None = None
+        self._portal: Portal | None = None
+        # The port the portal listens on (the one chosen, when asked for port 0).
+        self.http_port: int | None = None
 
     async def start(self) -> None:
         settings = self.settings
@@ -51,6 +64,9 @@ class ImageService:
         await self.bus.connect()
         await self.bus.declare_topology()
         transactions = Transactions(store, self.names, query_timeout=settings.query_timeout)
+        async with transactions.open() as ctx:
+            await ensure_admin(ctx.tx, settings.admin_password.get_secret_value())
+        METRICS.know_apis(APIS)
         self._relay = Relay(transactions, self.bus)
         monitor = Monitor(
             transactions,
@@ -64,7 +80,7 @@ class ImageService:
         expunger = Expunger(transactions)
 
         async def listen() -> None:
-            await store.listen([CONFIG_CHANNEL, DELETED_CHANNEL], expunger.wake)
+            await store.listen([CONFIG_CHANNEL, DELETED_CHANNEL], lambda _payload: expunger.wake())
 
         self._tasks = [
             asyncio.create_task(_forever("relay", self._relay.run)),
@@ -84,11 +100,50 @@ class ImageService:
         # The API queue last: a request is served once everything it needs is in place.
         await self.bus.consume(self.names.api, pipeline.on_api, prefetch=prefetch)
         transactions.heard_since = time.monotonic()
+        if settings.http_listen is not None:
+            await self._start_portal(transactions, pipeline, settings.http_listen)
         log.info("image service started (namespace %s)", settings.namespace)
+
+    async def _start_portal(
+        self, transactions: Transactions, pipeline: Pipeline, listen: str
+    ) -> None:
+        settings = self.settings
+        store = transactions.store
+
+        async def ready() -> str | None:
+            try:
+                async with asyncio.timeout(PROBE_TIMEOUT), store.autocommit() as tx:
+                    await tx.stats.ping()
+            except PROBE_FAILED as exc:
+                return f"database unavailable: {type(exc).__name__}"
+            if not self.bus.consuming(self.names.api):
+                return "not consuming the API queue"
+            return None
+
+        portal = self._portal = Portal(
+            transactions,
+            pipeline,
+            PortalSettings(
+                session_timeout=settings.session_timeout,
+                wait=settings.http_wait,
+                concurrency=settings.prefetch,
+            ),
+            ready,
+        )
+
+        async def listen_finished() -> None:
+            await store.listen([FINISHED_CHANNEL], portal.finished)
+
+        self._tasks.append(asyncio.create_task(_forever("portal listener", listen_finished)))
+        self.http_port = await portal.start(*split_host_port(listen))
 
     async def stop(self) -> None:
         """Graceful stop: take no new deliveries, finish and ack the ones in hand, publish
         what they committed, then close. What is left resumes in another replica."""
+        if self._portal is not None:
+            # First the HTTP requests: a call in hand finishes (or answers Processing, to be
+            # polled at another replica) before the database goes.
+            await self._portal.stop()
         await self.bus.stop_consuming()
         if self._relay is not None:
             with contextlib.suppress(Exception):

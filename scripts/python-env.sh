@@ -94,6 +94,7 @@ ensure_package() {
     # shellcheck disable=SC2015  # `|| true`: a failed import just means "not installed"
     where="$(cd / && "$PY" -c '
 import image_service, backup_agent, pytest, pytest_asyncio, pytest_timeout, hypothesis, mypy
+import prometheus_client, httpx, zstack_mcp.zstack_client
 import os; print(os.path.dirname(os.path.dirname(os.path.realpath(image_service.__file__))))
 ' 2>/dev/null || true)"
     if [ "$want" = "$have" ] && [ "$where" = "$(realpath "$REPO_ROOT")" ] &&
@@ -105,6 +106,13 @@ import os; print(os.path.dirname(os.path.dirname(os.path.realpath(image_service.
         </dev/null >"$RUN_DIR/pip-install.log" 2>&1; then
         tail -n 30 "$RUN_DIR/pip-install.log" >&2
         die "pip install -e '.[test]' failed (see run/pip-install.log)"
+    fi
+    # ZStack's portal client for the portal tests: the package's own dependencies (mcp) are
+    # not needed by its client module, and mcp 2.x breaks the package's server module anyway.
+    if ! "$PY" -m pip install --disable-pip-version-check --no-deps 'zstack-mcp-server==0.1.7' \
+        </dev/null >>"$RUN_DIR/pip-install.log" 2>&1; then
+        tail -n 30 "$RUN_DIR/pip-install.log" >&2
+        die "pip install --no-deps zstack-mcp-server failed (see run/pip-install.log)"
     fi
     echo "$want" >"$stamp"
 }

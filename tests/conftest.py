@@ -220,7 +220,7 @@ class Stack:
     def names(self) -> Names:
         return Names(self.namespace)
 
-    def start_service(self, *extra: str) -> Proc:
+    def start_service(self, *extra: str, database_url: str | None = None) -> Proc:
         index = len(self.services)
         proc = Proc(
             f"service{index}",
@@ -231,7 +231,7 @@ class Stack:
                 "--amqp-url",
                 AMQP_URL,
                 "--database-url",
-                self.database_url,
+                database_url or self.database_url,
                 "--namespace",
                 self.namespace,
                 "--monitor-interval",

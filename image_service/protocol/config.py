@@ -41,7 +41,27 @@ def _amqp_url(value: str) -> str:
     return value
 
 
+def split_host_port(value: str) -> tuple[str, int]:
+    """`HOST:PORT` (`[::1]:PORT` for IPv6) as (host, port); ValueError says what is wrong."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError("HOST:PORT, for example 127.0.0.1:8080 or [::1]:8080")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"port {port!r} is not 0-65535")
+    if not host or any(c.isspace() for c in host):
+        raise ValueError(f"host {host!r} is not a host name or address")
+    return host, int(port)
+
+
+def _host_port(value: str) -> str:
+    split_host_port(value)
+    return value
+
+
 # The types of the settings every process shares.
+HostPort = Annotated[str, AfterValidator(_host_port)]
 Namespace = Annotated[str, AfterValidator(_namespace)]
 AmqpUrl = Annotated[str, AfterValidator(_amqp_url)]
 LogLevel = Annotated[

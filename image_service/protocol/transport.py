@@ -453,6 +453,16 @@ class Bus:
         if self._inflight:
             await asyncio.wait(set(self._inflight), timeout=drain_timeout)
 
+    def consuming(self, queue_name: str) -> bool:
+        """Whether this process consumes `queue_name` now, on a channel that is open (a
+        robust connection being re-established says False until it is back)."""
+        if self.connection is None or self.connection.is_closed or self._stopping:
+            return False
+        for channel, queue in zip(self._consume_channels, self._queues, strict=False):
+            if queue.name == queue_name and not channel.is_closed:
+                return any(q is queue for q, _tag in self._consumer_tags)
+        return False
+
     async def consumer_count(self, queue_name: str) -> int:
         queue = await self._channel().declare_queue(queue_name, passive=True)
         count = queue.declaration_result.consumer_count

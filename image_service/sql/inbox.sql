@@ -33,10 +33,16 @@ VALUES (:message_id, :reply_to, :correlation_id)
 ON CONFLICT DO NOTHING;
 
 -- name: inbox_finish
--- Guarded: a message is finished once; a second completion changes nothing.
+-- Guarded: a message is finished once; a second completion changes nothing. `elapsed` is the
+-- seconds since it was received, on the database's clock (the latency /metrics reports).
 UPDATE inbox SET reply = :reply, finished_at = now()
 WHERE message_id = :message_id AND reply IS NULL
-RETURNING reply_to, correlation_id;
+RETURNING reply_to, correlation_id, api,
+          extract(epoch FROM clock_timestamp() - received_at)::float8 AS elapsed;
+
+-- name: inbox_result
+-- A portal call as it stands (contract section 11): `reply` is NULL while it runs.
+SELECT api, reply, received_at, finished_at FROM inbox WHERE message_id = :message_id;
 
 -- name: inbox_waiters
 SELECT reply_to, correlation_id FROM inbox_waiter WHERE message_id = :message_id;

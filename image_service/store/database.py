@@ -15,6 +15,7 @@ import asyncpg
 import asyncpg.pool
 import orjson
 
+from image_service.store.accounts import Accounts
 from image_service.store.backup_storages import BackupStorages
 from image_service.store.config import GlobalConfig
 from image_service.store.group import Connection, Record
@@ -23,6 +24,7 @@ from image_service.store.inbox import Inbox
 from image_service.store.migrations import migrate
 from image_service.store.ops import Ops
 from image_service.store.outbox import OutboxTable
+from image_service.store.stats import Stats
 from image_service.store.tags import Tags
 from image_service.store.volumes import Volumes
 
@@ -78,6 +80,7 @@ class Tx:
     """One transaction (or, from `Store.autocommit`, one connection without one)."""
 
     __slots__ = (
+        "accounts",
         "backup_storages",
         "config",
         "conn",
@@ -85,6 +88,7 @@ class Tx:
         "inbox",
         "ops",
         "outbox",
+        "stats",
         "tags",
         "volumes",
     )
@@ -99,6 +103,8 @@ class Tx:
         self.volumes = Volumes(conn)
         self.tags = Tags(conn)
         self.config = GlobalConfig(conn)
+        self.accounts = Accounts(conn)
+        self.stats = Stats(conn)
 
     async def fetch_sql(self, sql: str, args: Sequence[Any]) -> list[Record]:
         """Run SQL compiled by `image_service.query` (identifiers whitelisted, values bound)."""
@@ -124,14 +130,16 @@ _LISTEN_ERRORS: tuple[type[BaseException], ...] = (
 
 
 async def _listen_on(
-    conn: asyncpg.Connection, channels: list[str], on_notify: Callable[[], None]
+    conn: asyncpg.Connection, channels: list[str], on_notify: Callable[[str], None]
 ) -> None:
     """Serve one LISTEN connection until it is lost."""
     lost = asyncio.Event()
     conn.add_termination_listener(lambda _conn: lost.set())
     for channel in channels:
-        await conn.add_listener(channel, lambda *_args: on_notify())
-    on_notify()
+        await conn.add_listener(
+            channel, lambda _conn, _pid, _channel, payload: on_notify(str(payload))
+        )
+    on_notify("")
     while not lost.is_set():
         # A connection can die without a word (its host gone): ask now and then.
         with contextlib.suppress(TimeoutError):
@@ -170,10 +178,10 @@ class Store:
         await self.read_pool.close()
         await self.pool.close()
 
-    async def listen(self, channels: list[str], on_notify: Callable[[], None]) -> None:
-        """LISTEN on `channels` for as long as the task runs, calling `on_notify` for every
-        notification, and once after every (re)connection: notifications sent while the
-        connection was down are lost, so a listener must then look again."""
+    async def listen(self, channels: list[str], on_notify: Callable[[str], None]) -> None:
+        """LISTEN on `channels` for as long as the task runs, calling `on_notify` with the
+        payload of every notification, and with "" after every (re)connection: notifications
+        sent while the connection was down are lost, so a listener must then look again."""
         delay = 0.5
         while True:
             try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from image_service.store.group import QueryGroup, Record
-from image_service.store.rows import InboxRow, ReplyTarget
+from image_service.store.rows import Finished, InboxResult, InboxRow, ReplyTarget
 
 
 def _inbox(row: Record | None) -> InboxRow | None:
@@ -67,10 +67,18 @@ class Inbox(QueryGroup, sql_file="inbox.sql"):
             correlation_id=correlation_id,
         )
 
-    async def finish(self, *, message_id: str, reply: dict[str, Any]) -> ReplyTarget | None:
+    async def finish(self, *, message_id: str, reply: dict[str, Any]) -> Finished | None:
         """Store the final reply; None when the message had finished already."""
         row = await self._row("inbox_finish", message_id=message_id, reply=reply)
-        return ReplyTarget(**row) if row is not None else None
+        if row is None:
+            return None
+        return Finished(
+            ReplyTarget(row["reply_to"], row["correlation_id"]), row["api"], row["elapsed"]
+        )
+
+    async def result(self, message_id: str) -> InboxResult | None:
+        row = await self._row("inbox_result", message_id=message_id)
+        return InboxResult(**row) if row is not None else None
 
     async def waiters(self, message_id: str) -> list[ReplyTarget]:
         rows = await self._rows("inbox_waiters", message_id=message_id)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from image_service.lifecycle import (
@@ -39,6 +40,25 @@ class InboxRow:
 class ReplyTarget:
     reply_to: str | None
     correlation_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """A message whose final reply was just stored: its caller, API and age in seconds."""
+
+    caller: ReplyTarget
+    api: str
+    elapsed: float
+
+
+@dataclass(frozen=True, slots=True)
+class InboxResult:
+    """A message as a poll of the HTTP portal sees it; `reply` is None while it runs."""
+
+    api: str
+    reply: Any
+    received_at: datetime
+    finished_at: datetime | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,364 @@
+"""The HTTP side of a replica (contract section 11): ZStack's API portal, /metrics, /healthz and
+/readyz, on aiohttp.
+
+A portal call becomes an ordinary API message: the same pipeline validates it, runs it at most
+once under its message id (`portal-` + the call's uuid) and stores its reply in the inbox. The
+portal never keeps state of its own, so any replica answers any poll: `GET
+/zstack/api/result/UUID` reads the inbox. A call that finishes within `wait` seconds is
+answered Done at once (ZStack clients sleep a second before each poll); the replica that
+stores a reply NOTIFYs, so the waiting request hears it whichever replica finished it.
+
+Every answer is JSON in ZStack's shape, a failure included: a body that is too large, not JSON
+or not one message gets 413 or 400 with `{"success": false, "error": {...}}`; a refused call
+(a wrong password, an expired session, a bad parameter) gets 200 and the error inside the
+reply, as ZStack's portal answers; an unexpected failure gets 500 without a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from image_service.metrics import METRICS
+from image_service.pipeline import Pipeline, Transactions
+from image_service.portal import accounts
+from image_service.portal.zstack import (
+    BY_API,
+    ID_INVALID_SESSION,
+    SYS_INTERNAL,
+    SYS_INVALID_ARGUMENT,
+    SYS_RESOURCE_NOT_FOUND,
+    SYS_UNAVAILABLE,
+    MessageClass,
+    PortalError,
+    Special,
+    api_params,
+    parse_request,
+    reply_body,
+    result_string,
+    zstack_date,
+    zstack_error,
+)
+from image_service.protocol.transport import RetryLater
+from image_service.store import CONNECTION_ERRORS
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 1024 * 1024
+PORTAL_PREFIX = "portal-"
+# NOTIFYed with a portal call's message id when its reply is stored (migration 0006).
+FINISHED_CHANNEL = "image_portal_finished"
+# Seconds /readyz and /metrics give the database.
+PROBE_TIMEOUT = 2.0
+# The longest a waiting call goes without looking at the inbox itself (a lost NOTIFY).
+RECHECK = 1.0
+_UUID = re.compile(r"^[0-9a-f]{32}$")
+# What says "the database is gone": the call may be made again later.
+_UNAVAILABLE: tuple[type[BaseException], ...] = (RetryLater, *CONNECTION_ERRORS)
+PROBE_FAILED: tuple[type[BaseException], ...] = (TimeoutError, *CONNECTION_ERRORS)
+
+Readiness = Callable[[], Awaitable[str | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class PortalSettings:
+    session_timeout: float = 7200.0
+    # Seconds a call may take and still be answered Done in the POST's own answer.
+    wait: float = 5.0
+    # Portal calls running at once in this replica; more wait for a turn.
+    concurrency: int = 64
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _json(body: dict[str, Any], status: int = 200) -> web.Response:
+    return web.json_response(body, status=status, dumps=lambda v: json.dumps(v, default=str))
+
+
+def _failure(status: int, code: str, details: str) -> web.Response:
+    """A request that is not an API call: ZStack's bare error body."""
+    return _json({"success": False, "error": zstack_error(code, details)}, status)
+
+
+def _envelope(
+    job_uuid: str,
+    created: datetime,
+    *,
+    reply_class: str | None = None,
+    body: dict[str, Any] | None = None,
+    finished: datetime | None = None,
+) -> dict[str, Any]:
+    """The portal's answer: Done with `result` (a JSON string of one key, the reply class),
+    or Processing while the call runs."""
+    done = reply_class is not None and body is not None
+    envelope: dict[str, Any] = {
+        "uuid": job_uuid,
+        "state": "Done" if done else "Processing",
+        "createdDate": zstack_date(created),
+        "finishedDate": zstack_date(finished or _now()) if done else None,
+    }
+    if done:
+        assert reply_class is not None and body is not None
+        envelope["result"] = result_string(reply_class, body)
+    return envelope
+
+
+class Portal:
+    """The HTTP server of one replica."""
+
+    def __init__(
+        self,
+        transactions: Transactions,
+        pipeline: Pipeline,
+        settings: PortalSettings,
+        ready: Readiness,
+    ) -> None:
+        self.transactions = transactions
+        self.pipeline = pipeline
+        self.settings = settings
+        self.ready = ready
+        self._turns = asyncio.Semaphore(settings.concurrency)
+        self._waiters: dict[str, asyncio.Event] = {}
+        self._runner: web.AppRunner | None = None
+
+    # --- wiring ---------------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._errors])
+        app.router.add_post("/zstack/api", self.api)
+        app.router.add_post("/zstack/api/", self.api)
+        app.router.add_get("/zstack/api/result/{uuid}", self.result)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        return app
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen; returns the port (the one chosen when `port` is 0)."""
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port, shutdown_timeout=5.0)
+        await site.start()
+        sockets = [s for s in self._runner.addresses if isinstance(s, tuple)]
+        bound = int(sockets[0][1]) if sockets else port
+        log.info("HTTP portal listening on %s:%d", host, bound)
+        return bound
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def finished(self, message_id: str) -> None:
+        """NOTIFY of a stored reply ('' after the LISTEN connection came back: look again)."""
+        if not message_id:
+            for event in self._waiters.values():
+                event.set()
+        elif (waiter := self._waiters.get(message_id)) is not None:
+            waiter.set()
+
+    @web.middleware
+    async def _errors(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        route = request.match_info.route.resource
+        label = route.canonical if route is not None else "other"
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            response = _failure(
+                exc.status,
+                SYS_RESOURCE_NOT_FOUND if exc.status == 404 else SYS_INVALID_ARGUMENT,
+                f"{request.method} {request.path[:200]}: {exc.reason}",
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("HTTP %s %s failed", request.method, request.path[:200])
+            response = _failure(500, SYS_INTERNAL, "internal error; the service log has it")
+        METRICS.http_requests.labels(label, str(response.status)).inc()
+        return response
+
+    # --- health and metrics ---------------------------------------------------------------
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return _json({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        problem = await self.ready()
+        if problem is not None:
+            return _json({"status": "unavailable", "reason": problem}, 503)
+        return _json({"status": "ready"})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT), self.transactions.store.autocommit() as tx:
+                ops = await tx.stats.ops_in_flight()
+                backup_storages = await tx.stats.backup_storages()
+                depth = await tx.stats.outbox_depth()
+            METRICS.refresh(ops, backup_storages, depth)
+        except PROBE_FAILED as exc:
+            log.warning("/metrics: database unavailable (%r)", exc)
+            METRICS.database_up.set(0)
+        data = generate_latest(METRICS.registry)
+        return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    # --- the portal -----------------------------------------------------------------------
+
+    async def api(self, request: web.Request) -> web.Response:
+        created = _now()
+        try:
+            data = await self._read_json(request)
+            cls, fields, session_uuid = parse_request(data)
+        except PortalError as exc:
+            return _failure(exc.status, exc.code, exc.details)
+        job_uuid = uuid.uuid4().hex
+        try:
+            return await self._call(request, cls, fields, session_uuid, job_uuid, created)
+        except PortalError as exc:
+            if exc.status != 200:
+                return _failure(exc.status, exc.code, exc.details)
+            body = {"success": False, "error": zstack_error(exc.code, exc.details)}
+            return _json(_envelope(job_uuid, created, reply_class=cls.reply, body=body))
+        except _UNAVAILABLE as exc:
+            log.warning("portal call %s: %s", cls.name, exc)
+            return _failure(503, SYS_UNAVAILABLE, "the database is unavailable; try again")
+
+    async def _read_json(self, request: web.Request) -> Any:
+        if request.content_length is not None and request.content_length > MAX_BODY:
+            raise PortalError(
+                SYS_INVALID_ARGUMENT, f"the body is over {MAX_BODY} bytes", status=413
+            )
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise PortalError(
+                SYS_INVALID_ARGUMENT, f"the body is over {MAX_BODY} bytes", status=413
+            ) from None
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise PortalError(
+                SYS_INVALID_ARGUMENT, f"the body is not JSON: {exc}", status=400
+            ) from None
+        except RecursionError:
+            raise PortalError(
+                SYS_INVALID_ARGUMENT, "the body is nested too deeply", status=400
+            ) from None
+
+    async def _call(
+        self,
+        request: web.Request,
+        cls: MessageClass,
+        fields: dict[str, Any],
+        session_uuid: str | None,
+        job_uuid: str,
+        created: datetime,
+    ) -> web.Response:
+        timeout = self.settings.session_timeout
+        if cls.api == Special.LogIn:
+            name, password = fields.get("accountName"), fields.get("password")
+            if not isinstance(name, str) or not isinstance(password, str) or not name:
+                raise PortalError(SYS_INVALID_ARGUMENT, "accountName and password (strings)")
+            session = await accounts.log_in(self.transactions, name, password, timeout=timeout)
+            body: dict[str, Any] = {"success": True, "inventory": session.inventory()}
+            return _json(_envelope(job_uuid, created, reply_class=cls.reply, body=body))
+        if cls.api == Special.ValidateSession:
+            # As ZStack's: a question about a session, answered without needing one.
+            asked = fields.get("sessionUuid", session_uuid)
+            async with self.transactions.store.autocommit() as tx:
+                valid = await accounts.session_valid(tx, asked if isinstance(asked, str) else None)
+            body = {"success": True, "validSession": valid}
+            return _json(_envelope(job_uuid, created, reply_class=cls.reply, body=body))
+        if cls.api == Special.LogOut:
+            ended = fields.get("sessionUuid", session_uuid)
+            async with self.transactions.open() as ctx:
+                await accounts.log_out(ctx.tx, ended if isinstance(ended, str) else None)
+            body = {"success": True}
+            return _json(_envelope(job_uuid, created, reply_class=cls.reply, body=body))
+        async with self.transactions.open() as ctx:
+            caller = await accounts.use_session(ctx.tx, session_uuid, timeout=timeout)
+        if caller is None:
+            raise PortalError(
+                ID_INVALID_SESSION,
+                "session expired or invalid: log in again (APILogInByAccountMsg)"
+                if session_uuid
+                else "no session: log in first (APILogInByAccountMsg) and send"
+                ' "session": {"uuid": SESSION_UUID}',
+            )
+        params = api_params(cls, fields)
+        message_id = PORTAL_PREFIX + job_uuid
+        envelope = json.dumps({"api": cls.api, "params": params}).encode()
+        event = self._waiters.setdefault(message_id, asyncio.Event())
+        try:
+            async with self._turns:
+                await self.pipeline.submit(message_id, envelope)
+            return await self._answer(job_uuid, created, event)
+        finally:
+            self._waiters.pop(message_id, None)
+
+    async def _answer(self, job_uuid: str, created: datetime, event: asyncio.Event) -> web.Response:
+        deadline = time.monotonic() + self.settings.wait
+        while True:
+            event.clear()
+            answered = await self._lookup(job_uuid)
+            if answered is not None and answered[0]:
+                return answered[1]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return _json(_envelope(job_uuid, created))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(remaining, RECHECK)):
+                    await event.wait()
+
+    async def result(self, request: web.Request) -> web.Response:
+        job_uuid = request.match_info["uuid"].lower()
+        try:
+            answered = await self._lookup(job_uuid) if _UUID.match(job_uuid) else None
+        except RetryLater as exc:
+            log.warning("portal poll %s: %s", job_uuid, exc)
+            return _failure(503, SYS_UNAVAILABLE, "the database is unavailable; try again")
+        if answered is None:
+            return _failure(
+                404, SYS_RESOURCE_NOT_FOUND, f"no API call {request.match_info['uuid'][:64]!r}"
+            )
+        return answered[1]
+
+    async def _lookup(self, job_uuid: str) -> tuple[bool, web.Response] | None:
+        """Whether the call is done, and its envelope as the inbox has it; None when the
+        inbox has no such call (never made, or pruned after the retention)."""
+        try:
+            async with self.transactions.store.autocommit() as tx:
+                row = await tx.inbox.result(PORTAL_PREFIX + job_uuid)
+        except CONNECTION_ERRORS as exc:
+            raise RetryLater(f"database unavailable: {exc}") from exc
+        if row is None:
+            return None
+        if row.reply is None:
+            return False, _json(_envelope(job_uuid, row.received_at))
+        cls = BY_API.get(row.api)
+        reply_class = cls.reply if cls is not None else "org.zstack.header.message.APIReply"
+        reply = row.reply if isinstance(row.reply, dict) else {}
+        return True, _json(
+            _envelope(
+                job_uuid,
+                row.received_at,
+                reply_class=reply_class,
+                body=reply_body(reply),
+                finished=row.finished_at,
+            )
+        )
