@@ -9,6 +9,7 @@ import getpass
 import logging
 import signal
 import sys
+from typing import NamedTuple
 
 from image_service.config import ServiceSettings
 from image_service.portal.accounts import set_password
@@ -20,7 +21,14 @@ from image_service.store import LATEST_VERSION, SchemaTooNew, Store
 PROG = "image-service"
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[str, str | None, bool, ServiceSettings]:
+class Invocation(NamedTuple):
+    command: str  # run, migrate or set-password
+    settings: ServiceSettings
+    account: str | None  # set-password's ACCOUNT
+    create: bool  # set-password --create
+
+
+def parse_args(argv: list[str] | None = None) -> Invocation:
     parser = options_parser(ServiceSettings, prog=PROG, description=__doc__)
     parser.add_argument(
         "command", nargs="?", choices=["run", "migrate", "set-password"], default="run"
@@ -38,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[str, str | None, bool, Se
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    return str(args.command), args.account, bool(args.create), settings
+    return Invocation(str(args.command), settings, args.account, bool(args.create))
 
 
 def _read_password() -> str:
@@ -64,6 +72,8 @@ async def _set_password(settings: ServiceSettings, account: str, create: bool) -
             created = await set_password(tx, account, password, create=create)
     except LookupError:
         exit_with(PROG, f"no account {account!r} (--create makes it)", 1)
+    except ValueError as exc:
+        exit_with(PROG, str(exc), 2)
     finally:
         await store.close()
     what = "created" if created else "password changed; its sessions are ended"
@@ -87,7 +97,7 @@ async def _run(settings: ServiceSettings) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    command, account, create, settings = parse_args(argv)
+    command, settings, account, create = parse_args(argv)
     try:
         if command == "set-password":
             assert account is not None

@@ -38,6 +38,21 @@ MAX_LOCK = 300.0
 _CHECKS = asyncio.Semaphore(2)
 
 
+MAX_NAME = 255
+MAX_WIRE = 1024
+
+
+def account_name_problem(name: object) -> str | None:
+    """Why `name` cannot be an account's name (None when it can)."""
+    if not isinstance(name, str) or not name:
+        return "accountName: a non-empty string"
+    if len(name) > MAX_NAME:
+        return f"accountName: at most {MAX_NAME} characters"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "accountName: no control characters"
+    return None
+
+
 def wire_form(password: str) -> str:
     """What a ZStack client sends for `password`: the SHA-512 hex of its UTF-8."""
     return hashlib.sha512(password.encode()).hexdigest()
@@ -127,7 +142,11 @@ async def ensure_admin(tx: Tx, password: str) -> None:
 
 
 async def set_password(tx: Tx, name: str, password: str, *, create: bool) -> bool:
-    """Set `name`'s password and end its sessions; True when the account was created."""
+    """Set `name`'s password and end its sessions; True when the account was created.
+    ValueError when `name` cannot be an account's name."""
+    problem = account_name_problem(name)
+    if problem is not None:
+        raise ValueError(problem)
     stored = await hash_wire_async(wire_form(password))
     account_uuid = await tx.accounts.set_password(name=name, password_hash=stored)
     if account_uuid is not None:

@@ -48,6 +48,7 @@ from image_service.portal.zstack import (
     parse_request,
     reply_body,
     result_string,
+    session_of,
     zstack_date,
     zstack_error,
 )
@@ -223,12 +224,12 @@ class Portal:
         created = _now()
         try:
             data = await self._read_json(request)
-            cls, fields, session_uuid = parse_request(data)
+            cls, fields = parse_request(data)
         except PortalError as exc:
             return _failure(exc.status, exc.code, exc.details)
         job_uuid = uuid.uuid4().hex
         try:
-            return await self._call(request, cls, fields, session_uuid, job_uuid, created)
+            return await self._call(cls, fields, session_of(fields), job_uuid, created)
         except PortalError as exc:
             if exc.status != 200:
                 return _failure(exc.status, exc.code, exc.details)
@@ -262,7 +263,6 @@ class Portal:
 
     async def _call(
         self,
-        request: web.Request,
         cls: MessageClass,
         fields: dict[str, Any],
         session_uuid: str | None,
@@ -272,8 +272,14 @@ class Portal:
         timeout = self.settings.session_timeout
         if cls.api == Special.LogIn:
             name, password = fields.get("accountName"), fields.get("password")
-            if not isinstance(name, str) or not isinstance(password, str) or not name:
-                raise PortalError(SYS_INVALID_ARGUMENT, "accountName and password (strings)")
+            problem = accounts.account_name_problem(name)
+            if not isinstance(password, str) or not password:
+                problem = problem or "password: the SHA-512 hex of the password (a string)"
+            elif len(password) > accounts.MAX_WIRE:
+                problem = problem or f"password: at most {accounts.MAX_WIRE} characters"
+            if problem is not None:
+                raise PortalError(SYS_INVALID_ARGUMENT, problem)
+            assert isinstance(name, str) and isinstance(password, str)
             session = await accounts.log_in(self.transactions, name, password, timeout=timeout)
             body: dict[str, Any] = {"success": True, "inventory": session.inventory()}
             return _json(_envelope(job_uuid, created, reply_class=cls.reply, body=body))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
@@ -213,9 +213,9 @@ def _cause(cause: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def parse_request(data: Any) -> tuple[MessageClass, dict[str, Any], str | None]:
-    """The decoded body of `POST /zstack/api`: its class, its parameters (ZStack's names) and
-    the session uuid it carries."""
+def parse_request(data: Any) -> tuple[MessageClass, dict[str, Any]]:
+    """The decoded body of `POST /zstack/api`: its class and its message (ZStack's names).
+    Anything that is not one message of a known class is a 400."""
     if not isinstance(data, dict) or len(data) != 1:
         raise PortalError(
             SYS_INVALID_ARGUMENT,
@@ -235,14 +235,20 @@ def parse_request(data: Any) -> tuple[MessageClass, dict[str, Any], str | None]:
     if body is None:
         body = {}
     if not isinstance(body, dict):
-        raise PortalError(SYS_INVALID_ARGUMENT, f"{name}: the message must be a JSON object")
+        raise PortalError(
+            SYS_INVALID_ARGUMENT, f"{name}: the message must be a JSON object", status=400
+        )
+    return cls, body
+
+
+def session_of(body: dict[str, Any]) -> str | None:
+    """The session uuid a message carries (`"session": {"uuid": S}`), None without one."""
     session = body.get("session")
-    session_uuid: str | None = None
+    if session is None:
+        return None
     if isinstance(session, dict) and isinstance(session.get("uuid"), str):
-        session_uuid = session["uuid"]
-    elif session is not None:
-        raise PortalError(ID_INVALID_SESSION, 'session must be {"uuid": SESSION_UUID}')
-    return cls, body, session_uuid
+        return str(session["uuid"])
+    raise PortalError(ID_INVALID_SESSION, 'session must be {"uuid": SESSION_UUID}')
 
 
 def api_params(cls: MessageClass, body: dict[str, Any]) -> dict[str, Any]:
@@ -320,7 +326,8 @@ def result_string(cls_reply: str, body: dict[str, Any]) -> str:
 
 
 def zstack_date(moment: datetime | None) -> str | None:
-    """Dates in the envelope, as ISO 8601 UTC like every date of the contract."""
+    """Dates in the envelope and the session, as every date of the contract:
+    `2024-01-31T08:00:00.000000Z`."""
     if moment is None:
         return None
-    return moment.isoformat().replace("+00:00", "Z")
+    return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"

@@ -16,6 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from zstack_mcp.zstack_client import ZStackClient
 
+from image_service.protocol.inventories import BackupStorageInventory, ImageInventory
 from tests.conftest import Proc, Stack
 from tests.helpers import closed_port, wait_for
 from tests.integration.private_postgres import PrivatePostgres
@@ -122,6 +123,7 @@ async def test_the_real_zstack_client_drives_the_portal(stack: Stack) -> None:
             {"conditions": [], "replyWithCount": True, "limit": 50},
         )
         assert bs["total"] == 1 and bs["inventories"][0]["uuid"] == agent.uuid
+        BackupStorageInventory.model_validate(bs["inventories"][0])
 
         added = await client.execute(
             "AddImage",
@@ -139,6 +141,7 @@ async def test_the_real_zstack_client_drives_the_portal(stack: Stack) -> None:
         )
         image = added["inventory"]
         assert image["status"] == "Ready" and image["md5Sum"] == md5
+        ImageInventory.model_validate(image)  # the published schema is what is sent
         other = await client.execute(
             "AddImage",
             f"{IMAGE}APIAddImageMsg",
@@ -229,6 +232,35 @@ async def test_bad_http_input_gets_zstack_errors_and_changes_nothing(stack: Stac
     assert status == 400 and "exactly one key" in body["error"]["details"]
     status, body = await post(url, {"org.zstack.header.vm.APIDestroyVmInstanceMsg": {}})
     assert status == 400 and body["error"]["code"] == "SYS.1008"
+    status, body = await post(url, {f"{IMAGE}APIQueryImageMsg": []})
+    assert status == 400 and body["error"]["code"] == "SYS.1007"
+    status, body = await post(url, {f"{IMAGE}APIQueryImageMsg": {"session": "s"}})
+    assert status == 200 and result_of(body)[1]["error"]["code"] == "ID.1001"
+    # A body over the limit without a Content-Length (chunked) is cut off all the same.
+
+    async def chunks() -> Any:
+        for _ in range(70):
+            yield b" " * 16384
+
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{url}/zstack/api/", data=chunks()) as response,
+    ):
+        assert response.status == 413
+        assert (await response.json())["error"]["code"] == "SYS.1007"
+    # Login fields of the wrong type, or absurd: ID.1000 or SYS.1007, never a crash.
+    for fields in (
+        {"accountName": ["admin"], "password": "x"},
+        {"accountName": "admin", "password": {"$ne": None}},
+        {"accountName": "a" * 100000, "password": "x"},
+        {"accountName": "admin' OR '1'='1", "password": "x"},
+        {"accountName": "ad\x00min", "password": "x"},
+    ):
+        status, envelope = await post(url, {f"{IDENTITY}APILogInByAccountMsg": fields})
+        assert status == 200
+        _cls, reply = result_of(envelope)
+        assert reply["success"] is False
+        assert reply["error"]["code"] in ("ID.1000", "SYS.1007"), reply
 
     # No session, a forged one, an expired one: ID.1001 inside a Done reply of the class.
     for session in (None, {"uuid": "0" * 32}, {"uuid": "'; DROP TABLE image; --"}):

@@ -46,14 +46,33 @@ def test_every_process_follows_the_contract_naming_of_variables() -> None:
 
 
 def test_defaults_environment_and_flags_in_that_order(monkeypatch: pytest.MonkeyPatch) -> None:
-    command, settings = service_args([])
-    assert (command, settings.resend_after, settings.namespace) == ("run", 30.0, "image")
+    run = service_args([])
+    assert (run.command, run.settings.resend_after, run.settings.namespace) == (
+        "run",
+        30.0,
+        "image",
+    )
     monkeypatch.setenv("IMAGE_RESEND_AFTER", "5")
     monkeypatch.setenv("IMAGE_NAMESPACE", "fromenv")
-    _, settings = service_args([])
+    settings = service_args([]).settings
     assert (settings.resend_after, settings.namespace) == (5.0, "fromenv")
-    command, settings = service_args(["migrate", "--resend-after", "7.5"])
-    assert (command, settings.resend_after, settings.namespace) == ("migrate", 7.5, "fromenv")
+    run = service_args(["migrate", "--resend-after", "7.5"])
+    assert (run.command, run.settings.resend_after, run.settings.namespace) == (
+        "migrate",
+        7.5,
+        "fromenv",
+    )
+    run = service_args(["set-password", "admin", "--create"])
+    assert (run.command, run.account, run.create) == ("set-password", "admin", True)
+
+
+@pytest.mark.parametrize(
+    "argv", [["set-password"], ["run", "admin"], ["migrate", "--create"], ["--create"]]
+)
+def test_set_password_takes_an_account_and_only_it_does(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as caught:
+        service_args(argv)
+    assert caught.value.code == 2
 
 
 def test_agent_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -137,13 +156,13 @@ def test_the_real_commands_exit_2_without_a_traceback(command: list[str]) -> Non
 
 
 def test_log_levels_in_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert service_args(["--log-level", "debug"])[1].log_level == "DEBUG"
+    assert service_args(["--log-level", "debug"]).settings.log_level == "DEBUG"
     monkeypatch.setenv("IMAGE_LOG_LEVEL", "warning")
-    assert service_args([])[1].log_level == "WARNING"
+    assert service_args([]).settings.log_level == "WARNING"
 
 
 def test_namespaces_beyond_letters_are_kept() -> None:
-    assert service_args(["--namespace", "tenant/a:b"])[1].namespace == "tenant/a:b"
+    assert service_args(["--namespace", "tenant/a:b"]).settings.namespace == "tenant/a:b"
 
 
 def test_errors_never_print_a_password(

@@ -20,6 +20,7 @@ from image_service.portal.zstack import (
     parse_request,
     reply_body,
     result_string,
+    session_of,
 )
 from image_service.protocol.errors import ErrorCode
 
@@ -103,13 +104,18 @@ def test_an_unknown_class_is_sys_1008_and_is_not_echoed_in_full() -> None:
 
 
 def test_a_session_must_be_an_object_with_a_uuid() -> None:
-    cls, _fields, session = parse_request(
+    cls, fields = parse_request(
         {"org.zstack.header.image.APIQueryImageMsg": {"session": {"uuid": "s" * 32}}}
     )
-    assert cls.api == "QueryImage" and session == "s" * 32
+    assert cls.api == "QueryImage" and session_of(fields) == "s" * 32
+    assert session_of({}) is None
+    for bad in ("s", {"uuid": 1}, [], {"id": "s"}):
+        with pytest.raises(PortalError) as caught:
+            session_of({"session": bad})
+        assert caught.value.code == "ID.1001" and caught.value.status == 200
     with pytest.raises(PortalError) as caught:
-        parse_request({"org.zstack.header.image.APIQueryImageMsg": {"session": "s"}})
-    assert caught.value.code == "ID.1001"
+        parse_request({"org.zstack.header.image.APIQueryImageMsg": []})
+    assert caught.value.status == 400
 
 
 def test_query_conditions_take_zstack_ops() -> None:
