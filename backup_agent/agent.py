@@ -210,6 +210,7 @@ class Agent:
     async def _execute(self, command: AgentCommand) -> None:
         op_id = command.opId
         self.metrics.started(command.command)
+        cancelled = False
         try:
             result = await self.work.run(command)
         except OpFailure as exc:
@@ -220,15 +221,15 @@ class Agent:
             if self._stopping:
                 raise  # stays unfinished in the journal; resumed at the next start
             result = self._cancelled(op_id)
+            cancelled = True
         except Exception as exc:
             log.exception("op %s failed", op_id)
             details = public_details(f"{type(exc).__name__}: {exc}", self.layout.state)
             result = AgentResult.failed(op_id, self.uuid, ErrorCode.INTERNAL_ERROR, details)
         finally:
             self.running.pop(op_id, None)
-        self.metrics.finished(
-            command.command, None if result.success else result.code or "other", result.size
-        )
+        outcome = "cancelled" if cancelled else None if result.success else result.code or "other"
+        self.metrics.finished(command.command, outcome, result.size)
         entry = self.journal.finish(op_id, command.model_dump(mode="json"), result)
         await self._publish_result(entry)
 

@@ -76,14 +76,19 @@ class AgentMetrics:
         self.in_flight.labels(_kind(kind)).inc()
 
     def finished(self, kind: str, code: str | None, stored: int | None) -> None:
-        """A command ended: `code` None for success, `stored` the bytes it stored."""
+        """A command ended: `code` None for success, "cancelled" when the service cancelled
+        it (not a failure), else the contract's error code; `stored` the bytes it stored."""
         label = _kind(kind)
         self.in_flight.labels(label).dec()
-        outcome = "success" if code is None else code if code in _CODES else "other"
-        self.completed.labels(label, outcome).inc()
-        if code is not None:
+        if code is None:
+            outcome = "success"
+        elif code == "cancelled":
+            outcome = code
+        else:
+            outcome = code if code in _CODES else "other"
             self.failures.labels(outcome).inc()
-        elif stored and label in ("download", "create"):
+        self.completed.labels(label, outcome).inc()
+        if code is None and stored and label in ("download", "create"):
             self.stored_bytes.labels(label).inc(stored)
 
     def capacity(self, total: int, available: int) -> None:

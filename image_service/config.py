@@ -60,7 +60,8 @@ class ServiceSettings(BusSettings):
         description="HOST:PORT of ZStack's API portal, /metrics, /healthz and /readyz"
         " (default: no HTTP)",
     )
-    http_wait: Annotated[float, Field(ge=0, le=300)] = Field(
+    # At most 50 s: ZStack clients give up on a request after 60.
+    http_wait: Annotated[float, Field(ge=0, le=50)] = Field(
         5.0,
         description="seconds a portal call may take and still be answered Done at once (longer"
         " ones answer Processing, polled at /zstack/api/result/UUID)",
@@ -72,6 +73,8 @@ class ServiceSettings(BusSettings):
         SecretStr("password"),
         description="the password of account admin, created at the first start (later:"
         " image-service set-password admin)",
+        # Never a flag: a command line is visible to every user of the host (ps).
+        json_schema_extra={"env_only": True},
     )
     log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL")
 

@@ -1,6 +1,7 @@
 """`image-service`: run the service; `image-service migrate` only creates or migrates the schema;
 `image-service set-password ACCOUNT` sets a portal account's password (read from standard input,
-or asked twice on a terminal) and ends the account's sessions."""
+or asked twice on a terminal) and ends the account's sessions. The portal's first admin password
+comes from the environment only (IMAGE_ADMIN_PASSWORD; default "password"), never a flag."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from image_service.config import ServiceSettings
 from image_service.portal.accounts import set_password
 from image_service.protocol.config import exit_with, options_parser, settings_from
 from image_service.protocol.transport import WrongBrokerUser
-from image_service.service import run_forever
+from image_service.service import ListenFailed, run_forever
 from image_service.store import LATEST_VERSION, SchemaTooNew, Store
 
 PROG = "image-service"
@@ -111,6 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     except SchemaTooNew as exc:
         exit_with(PROG, str(exc))
     except WrongBrokerUser as exc:
+        exit_with(PROG, str(exc), 2)
+    except ListenFailed as exc:
         exit_with(PROG, str(exc), 2)
 
 

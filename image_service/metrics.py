@@ -28,7 +28,11 @@ from prometheus_client import (
 from image_service.protocol.errors import ErrorCode
 
 OTHER = "other"
-_OUTCOMES = frozenset({"success", *(code.value for code in ErrorCode)})
+# The portal's own answers (contract section 11) add ZStack's codes for what it refuses before
+# an API runs: a wrong password, a missing session, a bad request, an unavailable database.
+PORTAL_OUTCOMES = frozenset({"ID.1000", "ID.1001", "SYS.1007", "SYS.1008", "SYS.1012"})
+_OUTCOMES = frozenset({"success", *(code.value for code in ErrorCode), *PORTAL_OUTCOMES})
+PORTAL_APIS = frozenset({"LogIn", "LogOut", "ValidateSession"})
 # From a cached query to an image download of several minutes.
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
@@ -54,7 +58,8 @@ class ServiceMetrics:
         self._apis: frozenset[str] = frozenset()
         self.api_calls = Counter(
             "image_api_calls",
-            "API calls answered, by API and outcome (success or the contract's error code)",
+            "API calls answered, by API and outcome (success, the contract's error code, or"
+            " ZStack's code for a portal call refused before it ran)",
             ["api", "outcome"],
             registry=registry,
         )
@@ -113,7 +118,7 @@ class ServiceMetrics:
 
     def know_apis(self, names: Iterable[str]) -> None:
         """The API names that get a label of their own; any other is counted as "other"."""
-        self._apis = frozenset(names)
+        self._apis = frozenset(names) | PORTAL_APIS
 
     def answered(self, api: str | None, outcome: str, seconds: float | None) -> None:
         label = api if api in self._apis else OTHER
@@ -143,6 +148,18 @@ class ServiceMetrics:
             self.backup_storages.labels(status).set(count)
         self.outbox_depth.set(outbox_depth)
         self.database_up.set(1)
+
+    def unavailable(self) -> None:
+        """The database could not be read for this scrape: no stale figures are served."""
+        for gauge in (
+            self.ops_in_flight,
+            self.backup_storages,
+            self.total_capacity,
+            self.available_capacity,
+        ):
+            gauge.clear()
+        self.outbox_depth.set(float("nan"))
+        self.database_up.set(0)
 
 
 def outcome_of(reply: dict[str, object]) -> str:

@@ -26,6 +26,18 @@ def _check_name(value: str) -> str:
     return value
 
 
+def _check_text(value: str) -> str:
+    """Free text may hold any character PostgreSQL can store: not NUL, not a lone surrogate
+    (neither can be a `text` value; either would fail the statement, not the request)."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL (\\u0000)")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode (no lone surrogates)") from None
+    return value
+
+
 def _check_md5(value: str) -> str:
     try:
         return check_hex32(value.lower())
@@ -50,8 +62,9 @@ def _check_url(value: str) -> str:
 
 Uuid = Annotated[str, Field(min_length=32, max_length=32), AfterValidator(check_hex32)]
 Name = Annotated[str, Field(min_length=1, max_length=255), AfterValidator(_check_name)]
-Description = Annotated[str, Field(max_length=2048)]
-GuestOsType = Annotated[str, Field(max_length=255)]
+Description = Annotated[str, Field(max_length=2048), AfterValidator(_check_text)]
+GuestOsType = Annotated[str, Field(max_length=255), AfterValidator(_check_text)]
+Text = Annotated[str, AfterValidator(_check_text)]
 Md5 = Annotated[str, Field(min_length=32, max_length=32), AfterValidator(_check_md5)]
 Sha256 = Annotated[str, Field(min_length=64, max_length=64), AfterValidator(_check_sha256)]
 ImageUrl = Annotated[str, Field(min_length=8, max_length=2048), AfterValidator(_check_url)]
@@ -228,7 +241,7 @@ class DeleteBackupStorage(Params):
 class CreateUserTag(Params):
     resourceType: Literal["ImageVO"]
     resourceUuid: Uuid
-    tag: Annotated[str, Field(min_length=1, max_length=2048)]
+    tag: Annotated[Text, Field(min_length=1, max_length=2048)]
 
 
 class DeleteTag(Params):
@@ -236,10 +249,10 @@ class DeleteTag(Params):
 
 
 class UpdateGlobalConfig(Params):
-    category: Annotated[str, Field(min_length=1, max_length=64)]
-    name: Annotated[str, Field(min_length=1, max_length=128)]
+    category: Annotated[Text, Field(min_length=1, max_length=64)]
+    name: Annotated[Text, Field(min_length=1, max_length=128)]
     # Text, as ZStack's; a number is taken as its decimal text (`"value": 3600`).
-    value: Annotated[str, Field(max_length=1024)] | Annotated[int, Field(ge=-(2**63), lt=2**63)]
+    value: Annotated[Text, Field(max_length=1024)] | Annotated[int, Field(ge=-(2**63), lt=2**63)]
 
     @property
     def text(self) -> str:

@@ -11,6 +11,9 @@ from image_service.protocol.transport import RetryLater
 
 log = logging.getLogger(__name__)
 
+# A run of failed logins is forgotten a day after its last failure (once no lock holds).
+LOGIN_FAILURES_KEPT = 24 * 3600.0
+
 
 class Pruner:
     def __init__(self, transactions: Transactions, *, retention: float, every: float) -> None:
@@ -31,3 +34,4 @@ class Pruner:
             await ctx.tx.inbox.prune(older_than=self.retention)
             await ctx.tx.ops.prune(older_than=self.retention)
             await ctx.tx.accounts.prune_sessions()
+            await ctx.tx.accounts.prune_failures(older_than=LOGIN_FAILURES_KEPT)

@@ -36,9 +36,10 @@ class LogInByAccount(BaseModel):
 
 
 class SessionQuestion(BaseModel):
-    """APILogOutMsg and APIValidateSessionMsg."""
+    """APILogOutMsg and APIValidateSessionMsg: about `sessionUuid`, by default the session
+    the message carries (`"session": {"uuid": S}`)."""
 
-    sessionUuid: str
+    sessionUuid: str | None = None
 
 
 PORTAL_PARAMS: dict[str, type[BaseModel]] = {
@@ -107,33 +108,39 @@ def _ref(path: str) -> dict[str, str]:
 def asyncapi() -> dict[str, Any]:
     """The queues and exchanges (contract sections 1, 2, 7 and 8; PROTOCOL.md A.1-A.3)."""
 
-    def message(name: str, payload: str, summary: str) -> dict[str, Any]:
+    def message(name: str, payload: str | dict[str, Any], summary: str) -> dict[str, Any]:
         return {
             "name": name,
             "contentType": "application/json",
             "summary": summary,
-            "payload": _ref(payload),
+            "payload": _ref(payload) if isinstance(payload, str) else payload,
         }
+
+    def api_call(name: str) -> dict[str, Any]:
+        """The body of an API message: the envelope around the API's params."""
+        return {
+            "type": "object",
+            "properties": {"api": {"const": name}, "params": _ref(f"params/{name}.json")},
+            "required": ["api"],
+        }
+
+    namespace = {"description": "the namespace (--namespace)", "default": "image"}
+    backup_storage = {"description": "the backup storage's uuid (32 lowercase hex)"}
 
     api_names = sorted(APIS)
     event_key = "{uuid}"
     channels = {
         "api": {
             "address": "{namespace}.api",
+            "parameters": {"namespace": namespace},
             "description": "API calls: the default exchange, routing key NS.api; body"
             ' {"api": NAME, "params": {...}}; message_id runs once; one reply goes to reply_to'
             " with the correlation_id.",
-            "messages": {
-                name: message(
-                    name,
-                    f"params/{name}.json",
-                    f'{{"api": "{name}", "params": <this schema>}}',
-                )
-                for name in api_names
-            },
+            "messages": {name: message(name, api_call(name), f"call {name}") for name in api_names},
         },
         "events": {
             "address": "{namespace}.events",
+            "parameters": {"namespace": namespace},
             "description": "Topic exchange of events (section 7). Routing keys:"
             f" image.status.{event_key}, image.state.{event_key}, image.progress.{event_key},"
             f" image.deleted.{event_key}, backupStorage.status.{event_key}; consumed:"
@@ -154,6 +161,7 @@ def asyncapi() -> dict[str, Any]:
         },
         "agentCommands": {
             "address": "{namespace}.agent.{backupStorageUuid}",
+            "parameters": {"namespace": namespace, "backupStorageUuid": backup_storage},
             "description": "Commands to one agent, from the service's broker user only.",
             "messages": {
                 "AgentCommand": message(
@@ -163,6 +171,7 @@ def asyncapi() -> dict[str, Any]:
         },
         "agentMessages": {
             "address": "{namespace}.agents",
+            "parameters": {"namespace": namespace},
             "description": "Topic exchange agents publish to: result.{backupStorageUuid} (to"
             " NS.results) and heartbeat.{backupStorageUuid} (to NS.heartbeats); each agent's"
             " broker user may use only its own keys.",

@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 PRUNE_EVERY = 3600.0
 
 
+class ListenFailed(Exception):
+    """The HTTP portal cannot listen where it was told to."""
+
+
 class ImageService:
     """One replica; several may run against the same broker and database."""
 
@@ -92,6 +96,10 @@ class ImageService:
         agents = AgentInputs(transactions, self.bus, settings.agent_users)
         volumes = VolumeEvents(transactions)
         pipeline = Pipeline(transactions, self.bus, APIS, settle_message)
+        if settings.http_listen is not None:
+            # Before any delivery: a port that cannot be had stops the start with nothing
+            # taken in hand (/readyz says 503 until the API queue is consumed).
+            await self._start_portal(transactions, pipeline, settings.http_listen)
         prefetch = settings.prefetch
         await self.bus.consume(self.names.heartbeats, agents.on_heartbeat, prefetch=prefetch)
         await self.bus.consume(self.names.results, agents.on_result, prefetch=prefetch)
@@ -100,8 +108,6 @@ class ImageService:
         # The API queue last: a request is served once everything it needs is in place.
         await self.bus.consume(self.names.api, pipeline.on_api, prefetch=prefetch)
         transactions.heard_since = time.monotonic()
-        if settings.http_listen is not None:
-            await self._start_portal(transactions, pipeline, settings.http_listen)
         log.info("image service started (namespace %s)", settings.namespace)
 
     async def _start_portal(
@@ -135,7 +141,11 @@ class ImageService:
             await store.listen([FINISHED_CHANNEL], portal.finished)
 
         self._tasks.append(asyncio.create_task(_forever("portal listener", listen_finished)))
-        self.http_port = await portal.start(*split_host_port(listen))
+        host, port = split_host_port(listen)
+        try:
+            self.http_port = await portal.start(host, port)
+        except OSError as exc:
+            raise ListenFailed(f"--http-listen {listen}: {exc.strerror or exc}") from exc
 
     async def stop(self) -> None:
         """Graceful stop: take no new deliveries, finish and ack the ones in hand, publish

@@ -6,10 +6,13 @@ salted scrypt of it. Checking costs about 50 ms of CPU and 16 MiB, which is the 
 guessing; the checks run in threads, a few at a time, so that a flood of logins cannot take the
 event loop or the memory with it.
 
-Failed logins are counted per account in the database (every replica sees them): from the
-fifth failure in a row the account is locked for 1, 2, 4 ... seconds, at most 5 minutes, and a
-locked account's password is not even checked. A login that names no account costs the same
-scrypt as one that does, and gets the same answer as a wrong password.
+Failed logins are counted in the database (every replica sees them) per account name and
+client address: from the fifth failure in a row that name is locked for that address for 1, 2,
+4 ... seconds, at most 5 minutes, and its password is not even checked. Per address, so that a
+stranger cannot lock `admin` out for everyone; names that do not exist are counted and locked
+the same way, so the answers do not tell which names exist. A correct login is never counted
+as a failure, however many run at once. Checks wait for a turn (two at a time); when too many
+wait, a login is refused at once ("busy") rather than queued without bound.
 """
 
 from __future__ import annotations
@@ -34,8 +37,11 @@ _MAXMEM = 64 * 1024 * 1024
 # Failures in a row before the account locks, and the longest lock.
 ALLOWED_FAILURES = 5
 MAX_LOCK = 300.0
-# Password checks at once in this process (each holds 16 MiB and a core for ~50 ms).
+# Password checks at once in this process (each holds 16 MiB and a core for ~50 ms), and how
+# many may wait for a turn before further logins are refused as busy.
 _CHECKS = asyncio.Semaphore(2)
+MAX_WAITING = 32
+_waiting = 0
 
 
 MAX_NAME = 255
@@ -50,6 +56,10 @@ def account_name_problem(name: object) -> str | None:
         return f"accountName: at most {MAX_NAME} characters"
     if any(ord(c) < 32 or ord(c) == 127 for c in name):
         return "accountName: no control characters"
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return "accountName: not valid Unicode (a lone surrogate)"
     return None
 
 
@@ -102,9 +112,20 @@ def verify_wire(stored: str, wire: str) -> bool:
 _NOBODY = f"scrypt${_N}${_R}${_P}${'00' * 16}${'00' * _DKLEN}"
 
 
+class Busy(Exception):
+    """Too many logins wait for a password check in this process."""
+
+
 async def _verify(stored: str, wire: str) -> bool:
-    async with _CHECKS:
-        return await asyncio.to_thread(verify_wire, stored, wire)
+    global _waiting
+    if _waiting >= MAX_WAITING:
+        raise Busy()
+    _waiting += 1
+    try:
+        async with _CHECKS:
+            return await asyncio.to_thread(verify_wire, stored, wire)
+    finally:
+        _waiting -= 1
 
 
 async def hash_wire_async(wire: str) -> str:
@@ -148,6 +169,7 @@ async def set_password(tx: Tx, name: str, password: str, *, create: bool) -> boo
     if problem is not None:
         raise ValueError(problem)
     stored = await hash_wire_async(wire_form(password))
+    await tx.accounts.clear_failures(name)
     account_uuid = await tx.accounts.set_password(name=name, password_hash=stored)
     if account_uuid is not None:
         await tx.accounts.end_sessions_of(account_uuid)
@@ -159,32 +181,36 @@ async def set_password(tx: Tx, name: str, password: str, *, create: bool) -> boo
 
 
 async def log_in(
-    transactions: Transactions, account_name: str, wire: str, *, timeout: float
+    transactions: Transactions, account_name: str, wire: str, *, address: str, timeout: float
 ) -> Session:
-    """A new session for the account, or PortalError ID.1000. The attempt is counted and
-    committed before the password is checked, so that no number of attempts at once, in any
-    replica, gets more checks than the limit allows."""
+    """A new session for the account, or PortalError ID.1000 (wrong, or locked for this
+    client address). Raises Busy when too many logins wait for a check."""
     async with transactions.open() as ctx:
-        account = await ctx.tx.accounts.attempt(
-            name=account_name, allowed=ALLOWED_FAILURES, max_lock=MAX_LOCK
-        )
-        locked = None if account is not None else await ctx.tx.accounts.locked_for(account_name)
+        locked = await ctx.tx.accounts.locked_for(name=account_name, address=address)
+        account = await ctx.tx.accounts.by_name(account_name) if locked is None else None
     if locked is not None:
         raise PortalError(
             ID_AUTHENTICATION,
-            f"too many failed logins for this account: try again in {max(locked, 0.1):.1f} s",
+            f"too many failed logins from this address: try again in {max(locked, 0.1):.1f} s",
         )
-    if account is None:
-        await _verify(_NOBODY, wire)
-        raise PortalError(ID_AUTHENTICATION, "wrong account name or password")
-    if not await _verify(account.password_hash, wire):
-        raise PortalError(ID_AUTHENTICATION, "wrong account name or password")
+    # A name that does not exist is checked against a hash nothing matches: the same cost.
+    ok = await _verify(account.password_hash if account else _NOBODY, wire)
     async with transactions.open() as ctx:
-        await ctx.tx.accounts.succeeded(account.uuid)
-        row = await ctx.tx.accounts.create_session(
-            uuid=uuid.uuid4().hex, account_uuid=account.uuid, timeout=timeout
-        )
-    return _of(row)
+        if ok and account is not None:
+            await ctx.tx.accounts.succeeded(name=account_name, address=address)
+            row = await ctx.tx.accounts.create_session(
+                uuid=uuid.uuid4().hex,
+                account_uuid=account.uuid,
+                password_hash=account.password_hash,
+                timeout=timeout,
+            )
+            if row is not None:
+                return _of(row)
+        else:
+            await ctx.tx.accounts.failed(
+                name=account_name, address=address, allowed=ALLOWED_FAILURES, max_lock=MAX_LOCK
+            )
+    raise PortalError(ID_AUTHENTICATION, "wrong account name or password")
 
 
 async def use_session(tx: Tx, session_uuid: str | None, *, timeout: float) -> Session | None:

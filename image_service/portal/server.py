@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import re
 import time
@@ -28,6 +27,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
+import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -87,7 +88,9 @@ def _now() -> datetime:
 
 
 def _json(body: dict[str, Any], status: int = 200) -> web.Response:
-    return web.json_response(body, status=status, dumps=lambda v: json.dumps(v, default=str))
+    return web.Response(
+        body=orjson.dumps(body, default=str), status=status, content_type="application/json"
+    )
 
 
 def _failure(status: int, code: str, details: str) -> web.Response:
@@ -135,6 +138,7 @@ class Portal:
         self._turns = asyncio.Semaphore(settings.concurrency)
         self._waiters: dict[str, asyncio.Event] = {}
         self._runner: web.AppRunner | None = None
+        self._stopping = False
 
     # --- wiring ---------------------------------------------------------------------------
 
@@ -150,9 +154,11 @@ class Portal:
 
     async def start(self, host: str, port: int) -> int:
         """Listen; returns the port (the one chosen when `port` is 0)."""
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            self.app(), access_log=None, handle_signals=False, shutdown_timeout=5.0
+        )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, shutdown_timeout=5.0)
+        site = web.TCPSite(self._runner, host, port)
         await site.start()
         sockets = [s for s in self._runner.addresses if isinstance(s, tuple)]
         bound = int(sockets[0][1]) if sockets else port
@@ -160,6 +166,11 @@ class Portal:
         return bound
 
     async def stop(self) -> None:
+        """Stop listening. Calls waiting for their reply answer Processing at once, with their
+        uuid: their work is committed, and any replica answers the poll."""
+        self._stopping = True
+        for event in self._waiters.values():
+            event.set()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -214,7 +225,7 @@ class Portal:
             METRICS.refresh(ops, backup_storages, depth)
         except PROBE_FAILED as exc:
             log.warning("/metrics: database unavailable (%r)", exc)
-            METRICS.database_up.set(0)
+            METRICS.unavailable()
         data = generate_latest(METRICS.registry)
         return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -229,36 +240,44 @@ class Portal:
             return _failure(exc.status, exc.code, exc.details)
         job_uuid = uuid.uuid4().hex
         try:
-            return await self._call(cls, fields, session_of(fields), job_uuid, created)
+            return await self._call(
+                cls, fields, session_of(fields), job_uuid, created, request.remote or "unknown"
+            )
         except PortalError as exc:
+            METRICS.answered(cls.api, exc.code, None)
             if exc.status != 200:
                 return _failure(exc.status, exc.code, exc.details)
             body = {"success": False, "error": zstack_error(exc.code, exc.details)}
             return _json(_envelope(job_uuid, created, reply_class=cls.reply, body=body))
+        except accounts.Busy:
+            METRICS.answered(cls.api, SYS_UNAVAILABLE, None)
+            return _failure(503, SYS_UNAVAILABLE, "too many logins at once; try again")
         except _UNAVAILABLE as exc:
+            # Nothing was submitted (a call once submitted is answered with its uuid).
             log.warning("portal call %s: %s", cls.name, exc)
+            METRICS.answered(cls.api, SYS_UNAVAILABLE, None)
             return _failure(503, SYS_UNAVAILABLE, "the database is unavailable; try again")
 
     async def _read_json(self, request: web.Request) -> Any:
+        too_large = PortalError(
+            SYS_INVALID_ARGUMENT, f"the body is over {MAX_BODY} bytes", status=413
+        )
         if request.content_length is not None and request.content_length > MAX_BODY:
-            raise PortalError(
-                SYS_INVALID_ARGUMENT, f"the body is over {MAX_BODY} bytes", status=413
-            )
+            raise too_large
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
+            raise too_large from None
+        except (OSError, aiohttp.ClientError) as exc:  # the client went away mid-body
             raise PortalError(
-                SYS_INVALID_ARGUMENT, f"the body is over {MAX_BODY} bytes", status=413
+                SYS_INVALID_ARGUMENT, f"the body was cut: {exc!r}", status=400
             ) from None
         try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
+            # orjson: strict UTF-8 (no lone surrogates, no UTF-16), no NaN, nesting bounded.
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
             raise PortalError(
                 SYS_INVALID_ARGUMENT, f"the body is not JSON: {exc}", status=400
-            ) from None
-        except RecursionError:
-            raise PortalError(
-                SYS_INVALID_ARGUMENT, "the body is nested too deeply", status=400
             ) from None
 
     async def _call(
@@ -268,6 +287,7 @@ class Portal:
         session_uuid: str | None,
         job_uuid: str,
         created: datetime,
+        address: str,
     ) -> web.Response:
         timeout = self.settings.session_timeout
         if cls.api == Special.LogIn:
@@ -280,8 +300,11 @@ class Portal:
             if problem is not None:
                 raise PortalError(SYS_INVALID_ARGUMENT, problem)
             assert isinstance(name, str) and isinstance(password, str)
-            session = await accounts.log_in(self.transactions, name, password, timeout=timeout)
+            session = await accounts.log_in(
+                self.transactions, name, password, address=address, timeout=timeout
+            )
             body: dict[str, Any] = {"success": True, "inventory": session.inventory()}
+            METRICS.answered(cls.api, "success", (_now() - created).total_seconds())
             return _json(_envelope(job_uuid, created, reply_class=cls.reply, body=body))
         if cls.api == Special.ValidateSession:
             # As ZStack's: a question about a session, answered without needing one.
@@ -289,12 +312,14 @@ class Portal:
             async with self.transactions.store.autocommit() as tx:
                 valid = await accounts.session_valid(tx, asked if isinstance(asked, str) else None)
             body = {"success": True, "validSession": valid}
+            METRICS.answered(cls.api, "success", (_now() - created).total_seconds())
             return _json(_envelope(job_uuid, created, reply_class=cls.reply, body=body))
         if cls.api == Special.LogOut:
             ended = fields.get("sessionUuid", session_uuid)
             async with self.transactions.open() as ctx:
                 await accounts.log_out(ctx.tx, ended if isinstance(ended, str) else None)
             body = {"success": True}
+            METRICS.answered(cls.api, "success", (_now() - created).total_seconds())
             return _json(_envelope(job_uuid, created, reply_class=cls.reply, body=body))
         async with self.transactions.open() as ctx:
             caller = await accounts.use_session(ctx.tx, session_uuid, timeout=timeout)
@@ -308,25 +333,39 @@ class Portal:
             )
         params = api_params(cls, fields)
         message_id = PORTAL_PREFIX + job_uuid
-        envelope = json.dumps({"api": cls.api, "params": params}).encode()
+        envelope = orjson.dumps({"api": cls.api, "params": params})
         event = self._waiters.setdefault(message_id, asyncio.Event())
         try:
             async with self._turns:
-                await self.pipeline.submit(message_id, envelope)
+                try:
+                    await self.pipeline.submit(message_id, envelope)
+                except RetryLater as exc:
+                    # The commit may or may not have happened: never invite a second call.
+                    # The uuid lets the client find out (404 when it was not committed).
+                    log.warning("portal call %s (%s): %s", job_uuid, cls.api, exc)
+                    return _json(_envelope(job_uuid, created))
             return await self._answer(job_uuid, created, event)
         finally:
             self._waiters.pop(message_id, None)
 
     async def _answer(self, job_uuid: str, created: datetime, event: asyncio.Event) -> web.Response:
+        """The call's envelope: Done when its reply comes within the wait, else Processing
+        (also when the database is lost meanwhile, or the replica stops: the call is
+        committed, so it must be polled, never made again)."""
         deadline = time.monotonic() + self.settings.wait
         while True:
             event.clear()
-            answered = await self._lookup(job_uuid)
-            if answered is not None and answered[0]:
+            try:
+                answered = await self._lookup(job_uuid)
+            except RetryLater as exc:
+                log.warning("portal call %s: %s; answered Processing", job_uuid, exc)
+                return _json(_envelope(job_uuid, created))
+            if answered is not None and (answered[0] or self._stopping):
                 return answered[1]
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return _json(_envelope(job_uuid, created))
+            if remaining <= 0 or self._stopping:
+                # Processing, dated as the inbox has it (as every poll will be).
+                return answered[1] if answered is not None else _json(_envelope(job_uuid, created))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(remaining, RECHECK)):
                     await event.wait()
@@ -358,13 +397,17 @@ class Portal:
             return False, _json(_envelope(job_uuid, row.received_at))
         cls = BY_API.get(row.api)
         reply_class = cls.reply if cls is not None else "org.zstack.header.message.APIReply"
-        reply = row.reply if isinstance(row.reply, dict) else {}
+        if isinstance(row.reply, dict):
+            body = reply_body(row.reply)
+        else:
+            log.error("portal call %s: stored reply is not an object", job_uuid)
+            body = {"success": False, "error": zstack_error(SYS_INTERNAL, "unreadable reply")}
         return True, _json(
             _envelope(
                 job_uuid,
                 row.received_at,
                 reply_class=reply_class,
-                body=reply_body(reply),
+                body=body,
                 finished=row.finished_at,
             )
         )

@@ -118,6 +118,9 @@ QUERY_OPS: dict[str, str] = {
 }
 
 
+_ZSTACK_REFS = "backupStorageRefs."
+
+
 class PortalError(Exception):
     """A request the portal refuses before any API runs: bad JSON, an unknown class, bad
     query conditions, a missing or expired session, a wrong password."""
@@ -228,7 +231,7 @@ def parse_request(data: Any) -> tuple[MessageClass, dict[str, Any]]:
     if cls is None:
         raise PortalError(
             SYS_UNKNOWN_MESSAGE,
-            f"unknown message class {cut(name, 256)!r}; this portal serves: "
+            f"unknown message class {cut(repr(name), 256)}; this portal serves: "
             + ", ".join(sorted(CLASSES)),
             status=400,
         )
@@ -268,10 +271,13 @@ def api_params(cls: MessageClass, body: dict[str, Any]) -> dict[str, Any]:
             raise PortalError(SYS_INVALID_ARGUMENT, "deleteMode: Permissive or Enforcing")
         del params["deleteMode"]
     for zstack_name, ours in cls.renames:
-        if zstack_name in params:
-            if ours in params:
-                raise PortalError(SYS_INVALID_ARGUMENT, f"give {zstack_name} or {ours}, not both")
-            params[ours] = params.pop(zstack_name)
+        # SDKs send every field, the unused ones as null: a null is no value.
+        if params.get(zstack_name) is None:
+            params.pop(zstack_name, None)
+            continue
+        if params.get(ours) is not None:
+            raise PortalError(SYS_INVALID_ARGUMENT, f"give {zstack_name} or {ours}, not both")
+        params[ours] = params.pop(zstack_name)
     if cls.is_query:
         params = _query_params(params)
     return params
@@ -302,10 +308,14 @@ def _condition(index: int, condition: Any) -> Any:
     if ours is None:
         raise PortalError(
             SYS_INVALID_ARGUMENT,
-            f"conditions[{index}].op: {cut(op, 64)!r} is not one of ZStack's query operators: "
+            f"conditions[{index}].op: {cut(repr(op), 64)} is not one of ZStack's query operators: "
             + ", ".join(QUERY_OPS),
         )
     converted = {**condition, "op": ours}
+    name = condition.get("name")
+    if isinstance(name, str) and name.startswith(_ZSTACK_REFS):
+        # ZStack's ImageInventory calls its references `backupStorageRefs`.
+        converted["name"] = "backupStorageRef." + name[len(_ZSTACK_REFS) :]
     if ours in ("is null", "not null"):
         converted.pop("value", None)
     return converted

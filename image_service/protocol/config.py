@@ -130,6 +130,9 @@ def options_parser(
     parser = argparse.ArgumentParser(prog=prog, description=description)
     for name, info in model.model_fields.items():
         env = env_of(name)
+        extra = info.json_schema_extra
+        if isinstance(extra, dict) and extra.get("env_only"):
+            continue  # a secret: from the environment only, never from a visible command line
         # A default computed by a factory (the host's name) is not computed for the help: the
         # parser is built at every start.
         plain_default = not info.is_required() and info.default_factory is None

@@ -8,9 +8,7 @@ VALUES (:uuid, :name, :password_hash)
 ON CONFLICT (name) DO NOTHING;
 
 -- name: account_set_password
--- A new password unlocks the account; its sessions are ended by session_end_account.
-UPDATE account
-SET password_hash = :password_hash, failed_logins = 0, locked_until = NULL, last_op_at = now()
+UPDATE account SET password_hash = :password_hash, last_op_at = now()
 WHERE name = :name
 RETURNING uuid;
 
@@ -20,31 +18,48 @@ VALUES (:uuid, :name, :password_hash)
 ON CONFLICT (name) DO NOTHING
 RETURNING uuid;
 
--- name: account_attempt
--- One login attempt, counted as a failure until account_succeeded says otherwise, so that
--- attempts made at once, in any replica, are all counted. From the :allowed-th failure on the
--- account is locked for 1, 2, 4 ... seconds (at most :max_lock); a locked account returns no row
--- and its password is not even checked.
-UPDATE account
-SET failed_logins = failed_logins + 1,
-    locked_until = CASE
-        WHEN failed_logins + 1 >= :allowed THEN now() + make_interval(
-            secs => least(:max_lock::float8, power(2, failed_logins + 1 - :allowed)))
-        END
-WHERE name = :name AND (locked_until IS NULL OR locked_until <= now())
-RETURNING uuid, password_hash;
+-- name: account_by_name
+SELECT uuid, password_hash FROM account WHERE name = :name;
 
--- name: account_locked_for
--- Seconds the named account stays locked (NULL: no such account, or not locked).
+-- name: login_locked_for
+-- Seconds the name stays locked for the address (NULL: not locked).
 SELECT extract(epoch FROM locked_until - now())::float8
-FROM account WHERE name = :name AND locked_until > now();
+FROM login_failure
+WHERE account_name = :name AND address = :address AND locked_until > now();
 
--- name: account_succeeded
-UPDATE account SET failed_logins = 0, locked_until = NULL WHERE uuid = :uuid;
+-- name: login_failed
+-- One more failure in a row: from the :allowed-th on, the name is locked for the address for
+-- 1, 2, 4 ... seconds, at most :max_lock (the exponent is capped before power() can overflow).
+INSERT INTO login_failure AS f (account_name, address, failures, locked_until)
+VALUES (:name, :address, 1,
+        CASE WHEN 1 >= :allowed THEN now() + make_interval(secs => 1) END)
+ON CONFLICT (account_name, address) DO UPDATE
+SET failures = f.failures + 1,
+    last_failure = now(),
+    locked_until = CASE
+        WHEN f.failures + 1 >= :allowed THEN now() + make_interval(
+            secs => least(:max_lock::float8, power(2, least(f.failures + 1 - :allowed, 30))))
+        END
+RETURNING failures;
+
+-- name: login_succeeded
+DELETE FROM login_failure WHERE account_name = :name AND address = :address;
+
+-- name: login_failures_clear
+-- A new password: the name's runs of failures (and locks) end, from every address.
+DELETE FROM login_failure WHERE account_name = :name;
+
+-- name: login_failures_prune
+DELETE FROM login_failure
+WHERE last_failure < now() - make_interval(secs => :older_than)
+  AND (locked_until IS NULL OR locked_until < now());
 
 -- name: session_create
+-- Only while the password checked is still the account's: a login that checked the old
+-- password while set-password ran gets no session.
 INSERT INTO session (uuid, account_uuid, expires_at)
-VALUES (:uuid, :account_uuid, now() + make_interval(secs => :timeout))
+SELECT :uuid, a.uuid, now() + make_interval(secs => :timeout)
+FROM account a WHERE a.uuid = :account_uuid AND a.password_hash = :password_hash
 RETURNING uuid, account_uuid, created_at, expires_at;
 
 -- name: session_use

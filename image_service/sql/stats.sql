@@ -2,8 +2,11 @@
 -- every replica reports the same figures. Loaded by image_service.store.stats.
 
 -- name: ops_in_flight
-SELECT kind::text AS kind, count(*)::bigint AS count
-FROM op WHERE status = 'Pending' GROUP BY kind;
+-- Every kind, those with no op in flight at 0 (a series that vanishes at zero misleads).
+SELECT k::text AS kind, count(op.op_id)::bigint AS count
+FROM unnest(enum_range(NULL::op_kind)) AS k
+LEFT JOIN op ON op.kind = k AND op.status = 'Pending'
+GROUP BY k ORDER BY k;
 
 -- name: backup_storages
 SELECT uuid, name, status::text AS status, state::text AS state,

@@ -43,25 +43,43 @@ class Accounts(QueryGroup, sql_file="accounts.sql"):
         )
         return value
 
-    async def attempt(self, *, name: str, allowed: int, max_lock: float) -> AccountRow | None:
-        """Count one login attempt; None when the account does not exist or is locked."""
-        row = await self._row("account_attempt", name=name, allowed=allowed, max_lock=max_lock)
+    async def by_name(self, name: str) -> AccountRow | None:
+        row = await self._row("account_by_name", name=name)
         return AccountRow(**row) if row is not None else None
 
-    async def locked_for(self, name: str) -> float | None:
-        value: float | None = await self._value("account_locked_for", name=name)
+    async def locked_for(self, *, name: str, address: str) -> float | None:
+        """Seconds the name stays locked for the address; None when it is not."""
+        value: float | None = await self._value("login_locked_for", name=name, address=address)
         return value
 
-    async def succeeded(self, account_uuid: str) -> None:
-        await self._execute("account_succeeded", uuid=account_uuid)
-
-    async def create_session(self, *, uuid: str, account_uuid: str, timeout: float) -> SessionRow:
-        row = await self._row(
-            "session_create", uuid=uuid, account_uuid=account_uuid, timeout=timeout
+    async def failed(self, *, name: str, address: str, allowed: int, max_lock: float) -> int:
+        """Count one failed login; the failures in a row so far."""
+        value: int = await self._value(
+            "login_failed", name=name, address=address, allowed=allowed, max_lock=max_lock
         )
-        session = _session(row)
-        assert session is not None
-        return session
+        return value
+
+    async def succeeded(self, *, name: str, address: str) -> None:
+        await self._execute("login_succeeded", name=name, address=address)
+
+    async def clear_failures(self, name: str) -> None:
+        await self._execute("login_failures_clear", name=name)
+
+    async def prune_failures(self, *, older_than: float) -> None:
+        await self._execute("login_failures_prune", older_than=older_than)
+
+    async def create_session(
+        self, *, uuid: str, account_uuid: str, password_hash: str, timeout: float
+    ) -> SessionRow | None:
+        """A new session; None when the account's password is no longer `password_hash`."""
+        row = await self._row(
+            "session_create",
+            uuid=uuid,
+            account_uuid=account_uuid,
+            password_hash=password_hash,
+            timeout=timeout,
+        )
+        return _session(row)
 
     async def use_session(self, *, uuid: str, timeout: float) -> SessionRow | None:
         """The session, kept alive `timeout` seconds more; None when unknown or expired."""

@@ -107,12 +107,20 @@ def sample(
 
 
 async def test_the_real_zstack_client_drives_the_portal(stack: Stack) -> None:
-    # A short wait: AddImage answers Processing and the client polls, as it would for a
-    # large image.
-    _proc, url = await start_portal(stack, "--http-wait", "0.2")
+    # No wait: every call that writes answers Processing and the client polls, as it would
+    # for a large image.
+    _proc, url = await start_portal(stack, "--http-wait", "0")
     agent = await stack.start_agent()
     image_url, md5 = stack.http.add_qcow2("centos.qcow2")
     client = ZStackClient(api_url=url, account="admin", password="password")
+    polls: list[str] = []
+    poll_job = client._poll_job
+
+    async def counted_poll(location: str) -> dict[str, Any]:
+        polls.append(location)
+        return await poll_job(location)
+
+    client._poll_job = counted_poll  # type: ignore[method-assign]
     try:
         session = await client.login()
         assert len(session.uuid) == 32 and session.account_uuid
@@ -141,6 +149,7 @@ async def test_the_real_zstack_client_drives_the_portal(stack: Stack) -> None:
         )
         image = added["inventory"]
         assert image["status"] == "Ready" and image["md5Sum"] == md5
+        assert polls and polls[-1].startswith(f"{url}/zstack/api/result/")
         ImageInventory.model_validate(image)  # the published schema is what is sent
         other = await client.execute(
             "AddImage",
@@ -234,6 +243,16 @@ async def test_bad_http_input_gets_zstack_errors_and_changes_nothing(stack: Stac
     assert status == 400 and body["error"]["code"] == "SYS.1008"
     status, body = await post(url, {f"{IMAGE}APIQueryImageMsg": []})
     assert status == 400 and body["error"]["code"] == "SYS.1007"
+    # A lone surrogate, NaN, UTF-16: not JSON as the portal reads it (strict UTF-8).
+    for raw in (
+        b'{"\\ud800": {}}',
+        b'{"org.zstack.header.identity.APILogInByAccountMsg": {"accountName": "\\ud800",'
+        b' "password": "x"}}',
+        b'{"org.zstack.header.image.APIQueryImageMsg": {"limit": NaN}}',
+        '{"a": 1}'.encode("utf-16"),
+    ):
+        status, body = await post(url, None, raw=raw)
+        assert status == 400 and body["error"]["code"] == "SYS.1007", raw
     status, body = await post(url, {f"{IMAGE}APIQueryImageMsg": {"session": "s"}})
     assert status == 200 and result_of(body)[1]["error"]["code"] == "ID.1001"
     # A body over the limit without a Content-Length (chunked) is cut off all the same.
@@ -304,14 +323,20 @@ async def test_bad_http_input_gets_zstack_errors_and_changes_nothing(stack: Stac
     )
     await asyncio.sleep(1.2)  # the first lock lasts one second
     session = await login(url)
-    # An unknown account answers like a wrong password.
-    status, envelope = await post(
-        url,
-        {f"{IDENTITY}APILogInByAccountMsg": {"accountName": "root", "password": "x"}},
-    )
-    _cls, reply = result_of(envelope)
-    assert reply["error"]["code"] == "ID.1000"
-    assert "wrong account name or password" in reply["error"]["details"]
+    # Correct logins at once are never counted as failures, however many.
+    sessions = await asyncio.gather(*(login(url) for _ in range(8)))
+    assert len(set(sessions)) == 8
+    # A name that does not exist locks the same way: the answers do not tell names apart.
+    for attempt in range(6):
+        status, envelope = await post(
+            url,
+            {f"{IDENTITY}APILogInByAccountMsg": {"accountName": "root", "password": "x" * 128}},
+        )
+        _cls, reply = result_of(envelope)
+        expected = "wrong account name" if attempt < 5 else "too many failed logins"
+        assert expected in reply["error"]["details"], (attempt, reply)
+    # The lock is for this name only: admin still logs in from the same address.
+    assert await login(url)
 
     # Parameters: unknown, mistyped, a bad query op: SYS.1007 naming them.
     auth = {"session": {"uuid": session}}
@@ -343,6 +368,11 @@ async def test_bad_http_input_gets_zstack_errors_and_changes_nothing(stack: Stac
     )
     _cls, reply = result_of(envelope)
     assert reply["error"]["code"] == "SYS.1007"
+    status, envelope = await post(
+        url, {f"{IMAGE}APIUpdateImageMsg": {**auth, "uuid": "a" * 32, "description": "a\u0000b"}}
+    )
+    _cls, reply = result_of(envelope)
+    assert reply["error"]["code"] == "SYS.1007" and "NUL" in reply["error"]["details"]
     status, envelope = await post(
         url, {f"{IMAGE}APIDeleteImageMsg": {**auth, "uuid": "b" * 32, "deleteMode": "Sometimes"}}
     )
@@ -377,9 +407,9 @@ async def test_bad_http_input_gets_zstack_errors_and_changes_nothing(stack: Stac
             assert reply["validSession"] is True
 
     assert await stack.db.fetchval("SELECT count(*) FROM image") == 0
-    # Refused before any API ran: nothing in the inbox but the four calls the APIs refused
-    # (UpdateImage, QueryImage, DeleteImage, ChangeImageState).
-    assert await stack.db.fetchval("SELECT count(*) FROM inbox") - before == 4
+    # Refused before any API ran: nothing in the inbox but the five calls the APIs refused
+    # (UpdateImage twice, QueryImage, DeleteImage, ChangeImageState).
+    assert await stack.db.fetchval("SELECT count(*) FROM inbox") - before == 5
 
 
 async def test_any_replica_answers_a_poll(stack: Stack) -> None:
@@ -462,9 +492,9 @@ async def test_metrics_move_with_traffic(stack: Stack) -> None:
     )
     assert sample(after, "image_database_up") == 1
     assert moved("image_http_requests_total", route="/zstack/api/", status="200") >= 3
-    assert ("image_operations_in_flight", (("kind", "download"),)) not in after or sample(
-        after, "image_operations_in_flight", kind="download"
-    ) == 0
+    assert ("image_operations_in_flight", (("kind", "download"),)) in after
+    assert sample(after, "image_operations_in_flight", kind="download") == 0
+    assert moved("image_api_calls_total", api="LogIn", outcome="success") == 1
 
 
 async def test_agent_serves_metrics_and_health(stack: Stack) -> None:
@@ -588,3 +618,33 @@ async def _status_is(
 ) -> tuple[int, dict[str, Any]] | None:
     status, body = await probe()
     return (status, body) if status == expected else None
+
+
+async def test_a_stored_portal_reply_is_notified_at_once(stack: Stack) -> None:
+    """The trigger of migration 6: the replica holding the request hears the reply stored by
+    whichever replica finished the call (and nothing else)."""
+    heard: list[str] = []
+    got = asyncio.Event()
+
+    def on_notify(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        heard.append(payload)
+        got.set()
+
+    await stack.db.add_listener("image_portal_finished", on_notify)
+    try:
+        for message_id in ("portal-" + "1" * 32, "bus-message"):
+            await stack.db.execute(
+                "INSERT INTO inbox (message_id, api) VALUES ($1, 'AddImage')", message_id
+            )
+            await stack.db.execute(
+                "UPDATE inbox SET reply = '{}'::json WHERE message_id = $1", message_id
+            )
+        await asyncio.wait_for(got.wait(), 10)
+        # A second update of a finished reply says nothing more.
+        await stack.db.execute(
+            "UPDATE inbox SET reply = '{}'::json WHERE message_id = $1", "portal-" + "1" * 32
+        )
+        await stack.db.execute("SELECT 1")
+    finally:
+        await stack.db.remove_listener("image_portal_finished", on_notify)
+    assert heard == ["portal-" + "1" * 32]

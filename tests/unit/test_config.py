@@ -30,9 +30,21 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_every_field_is_a_flag_with_an_environment_variable(model) -> None:  # type: ignore[no-untyped-def]
     parser = options_parser(model, prog="x", description=None)
     flags = {a.option_strings[0] for a in parser._actions if a.option_strings[1:2] != ["--help"]}
-    for name in model.model_fields:
-        assert flag_of(name) in flags
+    for name, info in model.model_fields.items():
         assert env_of(name) == "IMAGE_" + name.upper()
+        secret = isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("env_only")
+        # A secret is read from the environment only: a command line is visible to every user.
+        assert (flag_of(name) in flags) is not secret, name
+
+
+def test_the_admin_password_comes_from_the_environment_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert service_args([]).settings.admin_password.get_secret_value() == "password"
+    monkeypatch.setenv("IMAGE_ADMIN_PASSWORD", "from-env")
+    assert service_args([]).settings.admin_password.get_secret_value() == "from-env"
+    with pytest.raises(SystemExit):
+        service_args(["--admin-password", "visible"])
 
 
 def test_every_process_follows_the_contract_naming_of_variables() -> None:

@@ -3,6 +3,7 @@ service sends."""
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 
 from image_service.api.config import config_inventory
@@ -26,13 +27,27 @@ def test_docs_schema_matches_the_models() -> None:
     assert problems == [], "run: python -m image_service.schema\n" + "\n".join(problems)
 
 
-def test_every_api_and_inventory_is_published() -> None:
-    from image_service.api import APIS
+def _refs(node: object) -> list[str]:
+    if isinstance(node, dict):
+        found = [node["$ref"]] if isinstance(node.get("$ref"), str) else []
+        return found + [r for value in node.values() for r in _refs(value)]
+    if isinstance(node, list):
+        return [r for value in node for r in _refs(value)]
+    return []
 
+
+def test_the_asyncapi_document_points_at_files_that_exist() -> None:
     files = documents()
-    assert {f"params/{name}.json" for name in APIS} <= set(files)
-    assert "inventories/ImageInventory.json" in files and "asyncapi.json" in files
-    assert files["asyncapi.json"]["asyncapi"] == "3.0.0"
+    asyncapi = files["asyncapi.json"]
+    assert asyncapi["asyncapi"] == "3.0.0"
+    external = [r for r in _refs(asyncapi) if not r.startswith("#")]
+    assert external, "the channels name their payloads"
+    assert sorted(set(external) - set(files)) == []
+    for channel in asyncapi["channels"].values():
+        names = set(re.findall(r"{(\w+)}", channel["address"]))
+        assert names == set(channel.get("parameters", {})), channel["address"]
+    for ref in (r for r in _refs(asyncapi) if r.startswith("#/channels/")):
+        assert ref.removeprefix("#/channels/") in asyncapi["channels"]
 
 
 def test_the_service_inventories_fit_their_models() -> None:

@@ -3,17 +3,26 @@
 
 -- An account: its password is kept only as a salted, slow hash (scrypt) of the wire form the
 -- clients send (the SHA-512 hex of the password), never as that wire form.
--- `failed_logins` counts attempts since the last success; past a limit the account is locked
--- until `locked_until` (portal/accounts.py).
 CREATE TABLE IF NOT EXISTS account (
     uuid           char(32) PRIMARY KEY,
     name           text NOT NULL UNIQUE,
     password_hash  text NOT NULL,
-    failed_logins  integer NOT NULL DEFAULT 0,
-    locked_until   timestamptz,
     created_at     timestamptz NOT NULL DEFAULT now(),
     last_op_at     timestamptz NOT NULL DEFAULT now()
 );
+
+-- Failed logins in a row, per account name (existing or not) and client address: past a limit
+-- that name is locked for that address until `locked_until` (portal/accounts.py). Per address,
+-- so that nobody can lock an account out for everyone else.
+CREATE TABLE IF NOT EXISTS login_failure (
+    account_name   text NOT NULL,
+    address        text NOT NULL,
+    failures       integer NOT NULL,
+    locked_until   timestamptz,
+    last_failure   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (account_name, address)
+);
+CREATE INDEX IF NOT EXISTS login_failure_last_idx ON login_failure (last_failure);
 
 -- A session ends `expires_at`: every use moves it to `session timeout` seconds later.
 CREATE TABLE IF NOT EXISTS session (
