@@ -283,13 +283,14 @@ async def test_a_first_release_database_is_migrated_without_losing_a_row(
     assert await current_version(db) == LATEST_VERSION
     after = await dump(db)
     # Tables that migrations created hold only what they insert themselves.
-    assert set(after) - set(before) == {"global_config", "account", "session"}
+    assert set(after) - set(before) == {"global_config", "account", "session", "login_failure"}
     assert {r["id"] for r in after.pop("global_config")} == {
         "image.deletionPolicy",
         "image.expungePeriod",
     }
     # The portal's admin account is made by the service at start, not by a migration.
     assert after.pop("account") == [] and after.pop("session") == []
+    assert after.pop("login_failure") == []
     assert without_new_columns(after, before) == before
     indexes = {
         r[0] for r in await db.fetch("SELECT indexname FROM pg_indexes WHERE tablename = 'op'")

@@ -97,6 +97,12 @@ async def tls_stack(
             return True
 
         await wait_for(client_connects, timeout=30)
+
+        async def service_started() -> bool:
+            # It consumes its API queue last: a request sent before would be unroutable.
+            return "image service started" in stack.services[0].log()
+
+        await wait_for(service_started, timeout=30)
         yield stack
     finally:
         if stack is not None:
