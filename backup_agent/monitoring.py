@@ -10,18 +10,10 @@ from __future__ import annotations
 import logging
 
 from aiohttp import web
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    GC_COLLECTOR,
-    PLATFORM_COLLECTOR,
-    PROCESS_COLLECTOR,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    generate_latest,
-)
+from prometheus_client import Counter, Gauge
 
 from image_service.protocol.errors import ErrorCode
+from image_service.protocol.exposition import exposition, process_registry
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +23,7 @@ _CODES = frozenset(code.value for code in ErrorCode)
 
 class AgentMetrics:
     def __init__(self) -> None:
-        registry = self.registry = CollectorRegistry(auto_describe=True)
-        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
-            registry.register(collector)
+        registry = self.registry = process_registry()
         self.in_flight = Gauge(
             "backup_agent_transfers_in_flight",
             "Commands running now, by kind (download, create, delete, inspect)",
@@ -122,10 +112,8 @@ class MetricsServer:
             self._runner = None
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        return web.Response(
-            body=generate_latest(self.metrics.registry),
-            headers={"Content-Type": CONTENT_TYPE_LATEST},
-        )
+        body, content_type = exposition(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

@@ -15,17 +15,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Protocol
 
-from prometheus_client import (
-    GC_COLLECTOR,
-    PLATFORM_COLLECTOR,
-    PROCESS_COLLECTOR,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-)
+from prometheus_client import Counter, Gauge, Histogram
 
 from image_service.protocol.errors import ErrorCode
+from image_service.protocol.exposition import process_registry
 
 OTHER = "other"
 # The portal's own answers (contract section 11) add ZStack's codes for what it refuses before
@@ -52,9 +45,7 @@ class BackupStorageFigures(Protocol):
 
 class ServiceMetrics:
     def __init__(self) -> None:
-        registry = self.registry = CollectorRegistry(auto_describe=True)
-        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
-            registry.register(collector)
+        registry = self.registry = process_registry()
         self._apis: frozenset[str] = frozenset()
         self.api_calls = Counter(
             "image_api_calls",

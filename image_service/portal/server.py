@@ -30,7 +30,6 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from image_service.metrics import METRICS
 from image_service.pipeline import Pipeline, Transactions
@@ -53,6 +52,7 @@ from image_service.portal.zstack import (
     zstack_date,
     zstack_error,
 )
+from image_service.protocol.exposition import exposition
 from image_service.protocol.transport import RetryLater
 from image_service.store import CONNECTION_ERRORS
 
@@ -226,8 +226,8 @@ class Portal:
         except PROBE_FAILED as exc:
             log.warning("/metrics: database unavailable (%r)", exc)
             METRICS.unavailable()
-        data = generate_latest(METRICS.registry)
-        return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        body, content_type = exposition(METRICS.registry)
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     # --- the portal -----------------------------------------------------------------------
 
