@@ -308,14 +308,14 @@ class Portal:
             return _json(_envelope(job_uuid, created, reply_class=cls.reply, body=body))
         if cls.api == Special.ValidateSession:
             # As ZStack's: a question about a session, answered without needing one.
-            asked = fields.get("sessionUuid", session_uuid)
+            asked = fields.get("sessionUuid") or session_uuid
             async with self.transactions.store.autocommit() as tx:
                 valid = await accounts.session_valid(tx, asked if isinstance(asked, str) else None)
             body = {"success": True, "validSession": valid}
             METRICS.answered(cls.api, "success", (_now() - created).total_seconds())
             return _json(_envelope(job_uuid, created, reply_class=cls.reply, body=body))
         if cls.api == Special.LogOut:
-            ended = fields.get("sessionUuid", session_uuid)
+            ended = fields.get("sessionUuid") or session_uuid
             async with self.transactions.open() as ctx:
                 await accounts.log_out(ctx.tx, ended if isinstance(ended, str) else None)
             body = {"success": True}

@@ -179,10 +179,12 @@ ERROR_CODES: dict[ErrorCode, str] = {
 def zstack_error(code: str, details: str, opaque: dict[str, Any] | None = None) -> dict[str, Any]:
     """ZStack's ErrorCode object: `code`, `description`, `details` (and `opaque` for what ZStack
     has no field for, such as the contract's own code)."""
+    # Details may echo the request: whatever it holds, they stay encodable (no lone surrogate).
+    printable = details.encode("utf-8", "backslashreplace").decode()
     error: dict[str, Any] = {
         "code": code,
         "description": ZSTACK_DESCRIPTIONS.get(code, "Error"),
-        "details": cut(details),
+        "details": cut(printable),
     }
     if opaque:
         error["opaque"] = opaque

@@ -366,7 +366,9 @@ async def test_truncated_body_is_download_failed(stack: Stack) -> None:
 
 
 async def test_stalled_server_is_download_failed(stack: Stack) -> None:
-    bs = await stack.start_agent("bs1")
+    # One retry is enough to show that a stall is not retried for ever (each costs the 3 s
+    # stall timeout; the default four made this the slowest test of the suite).
+    bs = await stack.start_agent("bs1", "--download-retries", "1")
     async with StallingServer(2**20) as server:
         await _assert_download_failed(stack, bs, server.url())
         assert server.requests >= 1

@@ -388,7 +388,9 @@ async def test_bad_http_input_gets_zstack_errors_and_changes_nothing(stack: Stac
         for path in (
             "/zstack/api/result/" + "f" * 32,
             "/zstack/api/result/..%2F..%2Fetc",
+            "/zstack/api/result/%ED%A0%80",
             "/nothing",
+            "/%ED%A0%80%FF",
         ):
             async with http.get(url + path, allow_redirects=False) as response:
                 assert response.status == 404
