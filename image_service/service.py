@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from image_service.agent_inputs import AgentInputs
 from image_service.api import APIS
@@ -22,13 +23,6 @@ from image_service.metrics import METRICS
 from image_service.monitor import Monitor, MonitorSettings
 from image_service.pipeline import Pipeline, Transactions
 from image_service.portal.accounts import ensure_admin
-from image_service.portal.server import (
-    FINISHED_CHANNEL,
-    PROBE_FAILED,
-    PROBE_TIMEOUT,
-    Portal,
-    PortalSettings,
-)
 from image_service.protocol.config import split_host_port
 from image_service.protocol.names import Names
 from image_service.protocol.transport import Bus
@@ -37,6 +31,9 @@ from image_service.relay import Relay
 from image_service.settlement import settle_message
 from image_service.store import Store
 from image_service.volume_events import VolumeEvents
+
+if TYPE_CHECKING:
+    from image_service.portal.server import Portal
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +110,16 @@ class ImageService:
     async def _start_portal(
         self, transactions: Transactions, pipeline: Pipeline, listen: str
     ) -> None:
+        # Imported here: aiohttp's server is a seventh of the start-up time of a replica that
+        # serves no HTTP.
+        from image_service.portal.server import (
+            FINISHED_CHANNEL,
+            PROBE_FAILED,
+            PROBE_TIMEOUT,
+            Portal,
+            PortalSettings,
+        )
+
         settings = self.settings
         store = transactions.store
 
