@@ -306,21 +306,8 @@ class Portal:
             body: dict[str, Any] = {"success": True, "inventory": session.inventory()}
             METRICS.answered(cls.api, "success", (_now() - created).total_seconds())
             return _json(_envelope(job_uuid, created, reply_class=cls.reply, body=body))
-        if cls.api == Special.ValidateSession:
-            # As ZStack's: a question about a session, answered without needing one.
-            asked = fields.get("sessionUuid") or session_uuid
-            async with self.transactions.store.autocommit() as tx:
-                valid = await accounts.session_valid(tx, asked if isinstance(asked, str) else None)
-            body = {"success": True, "validSession": valid}
-            METRICS.answered(cls.api, "success", (_now() - created).total_seconds())
-            return _json(_envelope(job_uuid, created, reply_class=cls.reply, body=body))
-        if cls.api == Special.LogOut:
-            ended = fields.get("sessionUuid") or session_uuid
-            async with self.transactions.open() as ctx:
-                await accounts.log_out(ctx.tx, ended if isinstance(ended, str) else None)
-            body = {"success": True}
-            METRICS.answered(cls.api, "success", (_now() - created).total_seconds())
-            return _json(_envelope(job_uuid, created, reply_class=cls.reply, body=body))
+        # Every call but login needs a valid session (contract section 11), LogOut and
+        # ValidateSession included.
         async with self.transactions.open() as ctx:
             caller = await accounts.use_session(ctx.tx, session_uuid, timeout=timeout)
         if caller is None:
@@ -331,6 +318,21 @@ class Portal:
                 else "no session: log in first (APILogInByAccountMsg) and send"
                 ' "session": {"uuid": SESSION_UUID}',
             )
+        if cls.api in (Special.ValidateSession, Special.LogOut):
+            # About `sessionUuid`, by default the caller's own session.
+            named = fields.get("sessionUuid") or caller.uuid
+            about = named if isinstance(named, str) else None
+            async with self.transactions.open() as ctx:
+                if cls.api == Special.LogOut:
+                    await accounts.log_out(ctx.tx, about)
+                    body = {"success": True}
+                else:
+                    body = {
+                        "success": True,
+                        "validSession": await accounts.session_valid(ctx.tx, about),
+                    }
+            METRICS.answered(cls.api, "success", (_now() - created).total_seconds())
+            return _json(_envelope(job_uuid, created, reply_class=cls.reply, body=body))
         params = api_params(cls, fields)
         message_id = PORTAL_PREFIX + job_uuid
         envelope = orjson.dumps({"api": cls.api, "params": params})

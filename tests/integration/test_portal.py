@@ -401,12 +401,27 @@ async def test_bad_http_input_gets_zstack_errors_and_changes_nothing(stack: Stac
         # No redirect, with or without the trailing slash.
         async with http.post(
             url + "/zstack/api",
-            json={f"{IDENTITY}APIValidateSessionMsg": {"sessionUuid": session}},
+            json={f"{IDENTITY}APIValidateSessionMsg": {**auth, "sessionUuid": session}},
             allow_redirects=False,
         ) as response:
             assert response.status == 200
             _cls, reply = result_of(await response.json())
             assert reply["validSession"] is True
+    # Every call but login needs a valid session: ValidateSession and LogOut too.
+    for cls in ("APIValidateSessionMsg", "APILogOutMsg"):
+        status, envelope = await post(url, {f"{IDENTITY}{cls}": {"sessionUuid": session}})
+        _cls, reply = result_of(envelope)
+        assert reply["success"] is False and reply["error"]["code"] == "ID.1001", cls
+    other = await login(url)
+    status, envelope = await post(
+        url, {f"{IDENTITY}APIValidateSessionMsg": {**auth, "sessionUuid": "0" * 32}}
+    )
+    assert result_of(envelope)[1]["validSession"] is False
+    status, envelope = await post(url, {f"{IDENTITY}APILogOutMsg": {**auth, "sessionUuid": other}})
+    assert result_of(envelope)[1]["success"] is True
+    assert await stack.db.fetchval("SELECT count(*) FROM session WHERE uuid = $1", other) == 0
+    status, envelope = await post(url, {f"{IDENTITY}APIValidateSessionMsg": auth})
+    assert result_of(envelope)[1]["validSession"] is True  # the caller's own, by default
 
     assert await stack.db.fetchval("SELECT count(*) FROM image") == 0
     # Refused before any API ran: nothing in the inbox but the five calls the APIs refused
