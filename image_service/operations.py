@@ -96,13 +96,7 @@ async def apply_result(ctx: Ctx, result: AgentResult, *, sender: str) -> None:
         log.warning("delete op %s failed on the agent (%s); will retry", op_id, result.details)
         await settle_message(ctx, op.message_id)
         return
-    finished = await ctx.tx.ops.finish(
-        op_id=op_id,
-        status=OpStatus.Succeeded if result.success else OpStatus.Failed,
-        result=result.model_dump(mode="json", exclude_none=True),
-        error_code=None if result.success else result.error_code.value,
-        error_details=None if result.success else (result.details or "failed on the agent"),
-    )
+    finished = await _finish_op(ctx, op_id, result)
     if finished is None:
         await _drop_stale(ctx, op, result)
         return
@@ -134,6 +128,17 @@ async def apply_result(ctx: Ctx, result: AgentResult, *, sender: str) -> None:
                     ctx, op.image_uuid, op.backup_storage_uuid, expected_path, message_id=None
                 )
     await settle_message(ctx, op.message_id)
+
+
+async def _finish_op(ctx: Ctx, op_id: uuid.UUID, result: AgentResult) -> OpRow | None:
+    """Finish the op as its (checked) result says; None when it was finished already."""
+    return await ctx.tx.ops.finish(
+        op_id=op_id,
+        status=OpStatus.Succeeded if result.success else OpStatus.Failed,
+        result=result.model_dump(mode="json", exclude_none=True),
+        error_code=None if result.success else result.error_code.value,
+        error_details=None if result.success else (result.details or "failed on the agent"),
+    )
 
 
 def _mismatch(expected: StoredFacts | None, found: FileFacts) -> str | None:
@@ -180,13 +185,7 @@ async def _apply_inspection(ctx: Ctx, op: OpRow, result: AgentResult) -> None:
             )
     if problem is not None:
         result = AgentResult.failed(result.opId, result.backupStorageUuid, code, problem)
-    finished = await ctx.tx.ops.finish(
-        op_id=op_id,
-        status=OpStatus.Succeeded if result.success else OpStatus.Failed,
-        result=result.model_dump(mode="json", exclude_none=True),
-        error_code=None if result.success else result.error_code.value,
-        error_details=None if result.success else (result.details or "failed on the agent"),
-    )
+    finished = await _finish_op(ctx, op_id, result)
     if finished is None:
         return  # late or duplicate
     key = {"image_uuid": op.image_uuid, "backup_storage_uuid": op.backup_storage_uuid}

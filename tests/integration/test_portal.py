@@ -73,19 +73,27 @@ def result_of(envelope: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return cls, body
 
 
-async def login(url: str, password: str = "password") -> str:
+async def log_in(url: str, password: str = "password", account: str = "admin") -> dict[str, Any]:
+    """The body of APILogInReply for `account` and `password` (sent as ZStack clients do)."""
     status, envelope = await post(
         url,
         {
             f"{IDENTITY}APILogInByAccountMsg": {
-                "accountName": "admin",
+                "accountName": account,
                 "password": hashlib.sha512(password.encode()).hexdigest(),
             }
         },
     )
     assert status == 200
     cls, body = result_of(envelope)
-    assert cls == f"{IDENTITY}APILogInReply" and body["success"], body
+    assert cls == f"{IDENTITY}APILogInReply", cls
+    return body
+
+
+async def login(url: str, password: str = "password") -> str:
+    """A new session of admin."""
+    body = await log_in(url, password)
+    assert body["success"], body
     return str(body["inventory"]["uuid"])
 
 
@@ -295,32 +303,12 @@ async def test_bad_http_input_gets_zstack_errors_and_changes_nothing(stack: Stac
     # A wrong password: ID.1000; the account locks after five failures in a row, and even
     # the right password is refused until the lock ends.
     for _ in range(5):
-        status, envelope = await post(
-            url,
-            {
-                f"{IDENTITY}APILogInByAccountMsg": {
-                    "accountName": "admin",
-                    "password": hashlib.sha512(b"guess").hexdigest(),
-                }
-            },
-        )
-        cls, reply = result_of(envelope)
-        assert cls == f"{IDENTITY}APILogInReply" and reply["error"]["code"] == "ID.1000"
+        reply = await log_in(url, "guess")
+        assert reply["error"]["code"] == "ID.1000"
         assert "wrong account name or password" in reply["error"]["details"]
-    status, envelope = await post(
-        url,
-        {
-            f"{IDENTITY}APILogInByAccountMsg": {
-                "accountName": "admin",
-                "password": hashlib.sha512(b"password").hexdigest(),
-            }
-        },
-    )
-    _cls, reply = result_of(envelope)
-    assert (
-        reply["error"]["code"] == "ID.1000"
-        and "too many failed logins" in reply["error"]["details"]
-    )
+    reply = await log_in(url, "password")
+    assert reply["error"]["code"] == "ID.1000"
+    assert "too many failed logins" in reply["error"]["details"]
     await asyncio.sleep(1.2)  # the first lock lasts one second
     session = await login(url)
     # Correct logins at once are never counted as failures, however many.
@@ -328,11 +316,7 @@ async def test_bad_http_input_gets_zstack_errors_and_changes_nothing(stack: Stac
     assert len(set(sessions)) == 8
     # A name that does not exist locks the same way: the answers do not tell names apart.
     for attempt in range(6):
-        status, envelope = await post(
-            url,
-            {f"{IDENTITY}APILogInByAccountMsg": {"accountName": "root", "password": "x" * 128}},
-        )
-        _cls, reply = result_of(envelope)
+        reply = await log_in(url, "x", account="root")
         expected = "wrong account name" if attempt < 5 else "too many failed logins"
         assert expected in reply["error"]["details"], (attempt, reply)
     # The lock is for this name only: admin still logs in from the same address.
@@ -536,6 +520,23 @@ async def test_agent_serves_metrics_and_health(stack: Stack) -> None:
     assert sample(after, "backup_agent_transfers_in_flight", kind="download") == 0
     assert sample(after, "backup_agent_total_capacity_bytes") > 0
     assert sample(after, "backup_agent_available_capacity_bytes") > 0
+
+    # The agent's HTTP side only reports: hostile requests change nothing and stop nothing.
+    files_before = agent.files()
+    async with aiohttp.ClientSession() as http:
+        for method, path, kwargs in (
+            ("POST", "/metrics", {"data": b"x" * (2 * 1024 * 1024)}),
+            ("PUT", "/healthz", {"data": b"{}"}),
+            ("GET", "/../../.agent/identity.json", {}),
+            ("GET", "/%ED%A0%80", {}),
+            ("GET", "/metrics", {"headers": {"X-Big": "x" * 100_000}}),
+        ):
+            async with http.request(method, url + path, **kwargs) as response:
+                assert response.status in (400, 404, 405, 413, 431), (method, path)
+        async with http.get(f"{url}/healthz") as response:
+            assert response.status == 200
+    assert agent.proc.running and agent.files() == files_before
+    assert (await stack.wait_connected(agent))["status"] == "Connected"
 
 
 async def test_set_password(stack: Stack) -> None:
